@@ -1,0 +1,83 @@
+"""Spiking neurons as pure JAX functions, shared by every model.
+
+* :func:`spike` - Heaviside step with the ATan surrogate gradient (spikingjelly ``surrogate.ATan``).
+* :func:`lif_multistep` - SpikeGPT's multi-step LIF neuron (``MultiStepLIFNode(tau=2, v_threshold=1,
+  v_reset=0)``) as a ``jax.lax.scan`` over the time (token) axis.
+* :func:`if_step` - SpikingBERT's integrate-and-fire update with reset by subtraction (one time step;
+  the model scans it over T together with its other layers).
+
+The equations are those of ``shared/docs/spikegpt.md`` ("LIF neuron") and ``spikingbert.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+ATAN_ALPHA = 2.0
+
+
+def atan_surrogate_grad(x: jax.Array, alpha: float = ATAN_ALPHA) -> jax.Array:
+    """Derivative of the ATan surrogate: ``alpha/2 / (1 + (pi/2 * alpha * x)^2)``."""
+    return (alpha / 2.0) / (1.0 + jnp.square(math.pi / 2.0 * alpha * x))
+
+
+@jax.custom_jvp
+def spike(x: jax.Array) -> jax.Array:
+    """Heaviside spike ``H(x) = 1 if x >= 0 else 0`` (same dtype as ``x``).
+
+    Forward is the exact step; the JVP uses the ATan surrogate of :func:`atan_surrogate_grad`
+    with alpha = 2, so ``d spike / dx = 1 / (1 + (pi x)^2)``.
+    """
+    return (x >= 0).astype(x.dtype)
+
+
+@spike.defjvp
+def _spike_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return spike(x), atan_surrogate_grad(x) * dx
+
+
+def lif_multistep(
+    x: jax.Array,
+    *,
+    tau: float = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: float = 0.0,
+    time_axis: int = 1,
+) -> jax.Array:
+    """Multi-step LIF with hard reset, scanned over ``time_axis``; returns the spikes.
+
+    For every step t with input current ``x_t`` and membrane ``v`` (starting at ``v_reset`` = 0):
+
+        h_t = v + (x_t - (v - v_reset)) / tau        (charge; for v_reset = 0: v + (x_t - v)/tau)
+        s_t = H(h_t - v_threshold)                   (fire, ATan surrogate in the backward pass)
+        v   = h_t * (1 - s_t) + v_reset * s_t        (hard reset; not detached)
+
+    The operation order matches spikingjelly's so that fp32 spikes are bit-identical.
+    """
+    xs = jnp.moveaxis(x, time_axis, 0)
+
+    def step(v, x_t):
+        h = v + (x_t - (v - v_reset)) / tau
+        s = spike(h - v_threshold)
+        v_next = h * (1.0 - s) + v_reset * s
+        return v_next, s
+
+    v0 = jnp.full(xs.shape[1:], v_reset, dtype=x.dtype)
+    _, spikes = jax.lax.scan(step, v0, xs)
+    return jnp.moveaxis(spikes, 0, time_axis)
+
+
+def if_step(u: jax.Array, current: jax.Array, v_threshold: float | jax.Array = 1.0):
+    """One integrate-and-fire step with reset by subtraction (leak 1.0).
+
+        u <- u + I;   s = 1[u >= v_threshold];   u <- u - v_threshold * s
+
+    Returns ``(u_next, s)``. No surrogate: SpikingBERT simulates its IF network without gradients.
+    """
+    u = u + current
+    s = (u >= v_threshold).astype(u.dtype)
+    return u - v_threshold * s, s
