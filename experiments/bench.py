@@ -1,0 +1,40 @@
+"""Benchmarks: ``python -m experiments.bench {forward,candidates} ...``.
+
+Each sub-command lives in its own module (``experiments.bench_<name>``) exposing
+``add_arguments(parser)`` and ``run(args) -> dict``; results are printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+SUBCOMMANDS = {
+    "forward": "SpikeGPT forward throughput vs plain matmuls of the same shapes",
+    "candidates": "batched (vmap) vs one-at-a-time evaluation of quantization candidates",
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, run the chosen benchmark, print its results and return them as a dict."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    modules = {}
+    for name, help_text in SUBCOMMANDS.items():
+        modules[name] = importlib.import_module(f"experiments.bench_{name}")
+        sub_parser = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub_parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+        modules[name].add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    results = modules[args.benchmark].run(args)
+    print(json.dumps(results, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
