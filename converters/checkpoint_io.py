@@ -51,7 +51,7 @@ def resolve_hub_source(source: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, filename, local_files_only=offline, etag_timeout=5))
     except (LocalEntryNotFoundError, OSError, ValueError) as err:
-        state = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if offline else "could not be downloaded"
+        state = "offline (HF_HUB_OFFLINE=1), not in the local cache" if offline else "could not be downloaded"
         raise ConversionError(f"checkpoint '{filename}' of hub repo '{repo_id}' {state}. {how_to}") from err
 
 

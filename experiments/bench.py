@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> dict:
     modules = {}
     for name, help_text in SUBCOMMANDS.items():
         modules[name] = importlib.import_module(f"experiments.bench_{name}")
-        sub_parser = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub_parser = sub.add_parser(
+            name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         sub_parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
         modules[name].add_arguments(sub_parser)
     args = parser.parse_args(argv)
