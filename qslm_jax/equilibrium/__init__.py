@@ -1,0 +1,1 @@
+"""Equilibrium training: implicit differentiation at a fixed point, knowledge-distillation losses."""
