@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from pathlib import Path
 
 SUBCOMMANDS = {
@@ -22,16 +23,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    modules = {}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    module = None
     for name, help_text in SUBCOMMANDS.items():
-        modules[name] = importlib.import_module(f"experiments.bench_{name}")
         sub_parser = sub.add_parser(
             name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
         )
         sub_parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
-        modules[name].add_arguments(sub_parser)
+        if name == chosen:  # import only the chosen benchmark (each pulls in its own dependencies)
+            module = importlib.import_module(f"experiments.bench_{name}")
+            module.add_arguments(sub_parser)
     args = parser.parse_args(argv)
-    results = modules[args.benchmark].run(args)
+    results = module.run(args)
     print(json.dumps(results, indent=2))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
