@@ -1,0 +1,133 @@
+"""Search journal: every evaluation appended to a JSONL file, so an interrupted search resumes without
+re-evaluating (qslm.md section 3, last paragraph).
+
+Line 1 is a header ``{"journal": "qslm-search", "version", "fingerprint", "meta", "created"}``; every further
+line is one evaluation ``{"key", "plan", "metric", "memory_bytes", "time"}`` (``key`` = ``QuantPlan.key()``),
+written and flushed (fsync) as soon as the evaluator returns. ``meta`` describes everything the metric depends
+on (model / checkpoint, task and split, quantizer options, evaluation protocol); its SHA-256 is the
+fingerprint, and opening a journal whose fingerprint differs is refused. Search constraints (``const_a``,
+``const_m``, alpha) do not change a metric, so they need not be in ``meta``: one journal then serves reruns
+with other constraints. A corrupt last line (a write cut short by a crash) is dropped and the file repaired; a
+corrupt line anywhere else is an error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from qslm_jax.errors import ConfigError
+from qslm_jax.quant.plan import QuantPlan
+
+JOURNAL_TAG = "qslm-search"
+JOURNAL_VERSION = 1
+
+
+def _canonical(meta: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(dict(meta), sort_keys=True, default=str))
+
+
+def fingerprint(meta: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of ``meta`` as canonical JSON (sorted keys; non-JSON values such as paths as strings)."""
+    text = json.dumps(_canonical(meta), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+class Journal:
+    """Append-only record of evaluations ``plan -> (metric, memory_bytes)`` for one fingerprinted setup."""
+
+    def __init__(self, path: str | Path, meta: Mapping[str, Any]):
+        self.path = Path(path)
+        self.meta = _canonical(meta)
+        self.fingerprint = fingerprint(meta)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self.repaired = False  # True when a cut-short last line was dropped on opening
+        self._load()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def metric(self, key: str) -> float | None:
+        """The journaled metric of the plan with ``key``, or None if it was never evaluated."""
+        entry = self._entries.get(key)
+        return None if entry is None else float(entry["metric"])
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every journaled evaluation (one dict per plan, in the order first written)."""
+        return list(self._entries.values())
+
+    def record(self, plan: QuantPlan, metric: float, memory_bytes: int) -> None:
+        """Append one evaluation and flush it to disk."""
+        entry = {"key": plan.key(), "plan": plan.to_dict(), "metric": float(metric),
+                 "memory_bytes": int(memory_bytes), "time": _now()}
+        self._append(entry)
+        self._entries[entry["key"]] = entry
+
+    def _append(self, obj: Mapping[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(obj, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _load(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+            self._append({"journal": JOURNAL_TAG, "version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
+                          "meta": self.meta, "created": _now()})
+            return
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        records = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines):
+                    raise ConfigError(
+                        f"journal {self.path} line {number} is not valid JSON ({err}); only the last line "
+                        f"may be cut short by a crash. Fix or delete that line, or delete the journal to "
+                        f"start over."
+                    ) from err
+                self.repaired = True
+        if not records:  # only a cut-short header: start afresh
+            self.path.write_text("")
+            self._load()
+            return
+        self._check_header(records[0])
+        for number, entry in enumerate(records[1:], start=2):
+            if not isinstance(entry, dict) or not {"key", "metric"} <= entry.keys():
+                raise ConfigError(f"journal {self.path} line {number}: expected an evaluation with 'key' and "
+                                  f"'metric', found {str(entry)[:200]}; fix or delete that line.")
+            self._entries[entry["key"]] = entry
+        good = "".join(line + "\n" for line in lines[:len(records)])
+        if good != text:  # drop a cut-short last line / restore a missing final newline before appending
+            self.path.write_text(good, encoding="utf-8")
+
+    def _check_header(self, header: Any) -> None:
+        if not isinstance(header, dict) or header.get("journal") != JOURNAL_TAG:
+            raise ConfigError(f"{self.path} is not a QSLM search journal (its first line is not a "
+                              f"'{JOURNAL_TAG}' header); pass another journal path.")
+        if header.get("fingerprint") != self.fingerprint:
+            found = header.get("meta", {})
+            differs = sorted(k for k in set(found) | set(self.meta) if found.get(k) != self.meta.get(k))
+            raise ConfigError(
+                f"journal {self.path} was written for a different setup: expected fingerprint "
+                f"{self.fingerprint[:12]} (meta {self.meta}), found {str(header.get('fingerprint'))[:12]} "
+                f"(meta {found}); differing fields: {differs}. Its metrics do not apply here: pass another "
+                f"journal path, or delete the file to start over."
+            )
