@@ -1,0 +1,1 @@
+"""QSLM: batched evaluation of quantization candidates, metrics, tiered search, selection and reports."""

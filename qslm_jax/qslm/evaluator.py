@@ -1,0 +1,152 @@
+"""Batched evaluation of quantization candidates: ``jit(vmap(metric(quantize(params, bits_k), batches)))``.
+
+One :class:`Evaluator` holds one compiled function per (batch shapes, chunk size): the K plans of a chunk become a
+stacked bits pytree (int32 level codes, :meth:`Hierarchy.stacked_bits`), the parameters are fake-quantized inside
+the traced function (``nnx.split`` -> :func:`quantize_params` -> ``nnx.merge``), the metric's additive statistics are
+computed for every batch with ``lax.scan`` and the candidates are ``vmap``-ped. Lists of plans are cut into chunks of
+a fixed size (the last one padded by repeating its last plan), so any number of plans reuses the same compilation.
+
+With several devices the candidate axis is sharded over a 1-D mesh (``jit`` + ``NamedSharding``); parameters and
+batches are replicated. Statistics are summed over batches in float64 on the host, so e.g. perplexity over a split
+is exactly ``exp(sum NLL / sum tokens)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.qslm.metrics import Metric
+from qslm_jax.quant.apply import quantize_params
+from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
+from qslm_jax.quant.plan import QuantPlan
+
+AXIS = "candidates"
+
+
+def stack_batches(batches: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Stack fixed-shape batches along a new leading axis (raises :class:`DataError` on differing shapes)."""
+    batches = list(batches)
+    if not batches:
+        raise DataError("no batches to evaluate on")
+    keys = set(batches[0])
+    for i, batch in enumerate(batches):
+        shapes = {k: np.shape(batch[k]) for k in batch}
+        first = {k: np.shape(batches[0][k]) for k in batches[0]}
+        if set(batch) != keys or shapes != first:
+            raise DataError(f"batches must share keys and shapes (fixed-shape evaluation): batch 0 has {first}, "
+                            f"batch {i} has {shapes}; pad the last batch (qslm_jax.data batches are padded)")
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in sorted(keys)}
+
+
+class Evaluator:
+    """Evaluates lists of :class:`QuantPlan` on fixed batches with one compiled, vmapped function.
+
+    ``chunk_size``: candidates per compiled call (rounded up to a multiple of the device count): pass it to
+    compile once for lists of any length. Without it, ``memory_budget_bytes`` (per device) caps the chunk at what
+    fits by XLA's memory analysis of a one-candidate compile; without either, a call evaluates all its plans at
+    once. In both cases lists of different lengths below the cap compile separately.
+    """
+
+    def __init__(self, model: nnx.Module, metric: Metric, *, hierarchy: Hierarchy | None = None,
+                 chunk_size: int | None = None, memory_budget_bytes: int | None = None,
+                 devices: Sequence[jax.Device] | None = None):
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, found {chunk_size}")
+        self.metric = metric
+        self.hierarchy = hierarchy or hierarchy_of(model)
+        self.devices = tuple(devices) if devices else tuple(jax.local_devices())
+        self._chunk_size = chunk_size
+        self._budget = memory_budget_bytes
+        self._mesh = Mesh(np.array(self.devices), (AXIS,))
+        self._replicated = NamedSharding(self._mesh, P())
+        self._sharded = NamedSharding(self._mesh, P(AXIS))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self._graphdef = graphdef
+        self._params = jax.device_put(nnx.to_pure_dict(params), self._replicated)
+        self._rest = jax.device_put(rest, self._replicated)
+        self._fn = jax.jit(self._candidate_stats, out_shardings=self._sharded)
+        self._chunk_by_shape: dict[Any, int] = {}
+
+    def _candidate_stats(self, params: dict, rest: Any, bits: dict, batches: dict) -> dict:
+        """Per-candidate, per-batch statistics ``(K, n_batches)`` of the plans whose stacked bits are ``bits``."""
+
+        def one(bits_k):
+            quantized = quantize_params(params, bits_k, self.hierarchy)
+
+            def body(carry, batch):
+                model = nnx.merge(self._graphdef, quantized, rest)
+                return carry, self.metric.batch_stats(model, batch)
+
+            return jax.lax.scan(body, None, batches)[1]
+
+        return jax.vmap(one)(bits)
+
+    @property
+    def compilations(self) -> int:
+        """How many distinct compilations the candidate function holds (batch shapes x chunk sizes)."""
+        return self._fn._cache_size()
+
+    def chunk_size(self, n_plans: int, batches: dict | None = None) -> int:
+        """Candidates per compiled call for a list of ``n_plans`` plans (a multiple of the device count)."""
+        n_dev = len(self.devices)
+        if self._chunk_size is not None:
+            chunk = self._chunk_size
+        elif self._budget is not None and batches is not None:
+            chunk = min(self._budget_chunk(batches) * n_dev, n_plans)
+        else:
+            chunk = n_plans
+        return -(-chunk // n_dev) * n_dev
+
+    def _budget_chunk(self, batches: dict) -> int:
+        """Candidates per device that fit ``memory_budget_bytes`` (XLA memory analysis of one candidate)."""
+        key = tuple(sorted((k, v.shape) for k, v in batches.items()))
+        if key not in self._chunk_by_shape:
+            one = self.hierarchy.stacked_bits([QuantPlan()])
+            compiled = jax.jit(self._candidate_stats).lower(self._params, self._rest, one, batches).compile()
+            analysis = compiled.memory_analysis()
+            fixed = analysis.argument_size_in_bytes  # parameters, batches (replicated on every device)
+            per_candidate = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+            if self._budget < fixed + per_candidate:
+                raise ConfigError(f"memory_budget_bytes={self._budget:,} is below one candidate per device "
+                                  f"({fixed:,} bytes of parameters and batches + {per_candidate:,} per "
+                                  f"candidate); raise the budget or pass chunk_size")
+            self._chunk_by_shape[key] = (self._budget - fixed) // per_candidate
+        return self._chunk_by_shape[key]
+
+    def stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
+        """The metric's statistics of every plan, summed over all batches (float64)."""
+        if not plans:
+            return []
+        for plan in plans:
+            self.hierarchy.validate(plan)
+        stacked = jax.device_put(stack_batches(batches), self._replicated)
+        chunk = self.chunk_size(len(plans), stacked)
+        padded = list(plans) + [plans[-1]] * (-len(plans) % chunk)
+        totals: list[dict[str, float]] = []
+        for start in range(0, len(padded), chunk):
+            bits = jax.device_put(self.hierarchy.stacked_bits(padded[start:start + chunk]), self._sharded)
+            out = jax.device_get(self._fn(self._params, self._rest, bits, stacked))
+            sums = {k: np.asarray(v, np.float64).sum(axis=1) for k, v in out.items()}
+            totals.extend({k: float(v[i]) for k, v in sums.items()} for i in range(chunk))
+        return totals[:len(plans)]
+
+    def __call__(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]]) -> list[float]:
+        """The metric of every plan over all batches, in the order of ``plans``."""
+        return [self.metric.finalize(t) for t in self.stats(plans, batches)]
+
+
+def evaluate_candidates(model: nnx.Module, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]],
+                        metric: Metric, *, chunk_size: int | None = None, memory_budget_bytes: int | None = None,
+                        devices: Sequence[jax.Device] | None = None) -> list[float]:
+    """Metric of each plan (one-shot :class:`Evaluator`; keep an Evaluator to reuse its compilation)."""
+    evaluator = Evaluator(model, metric, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes,
+                          devices=devices)
+    return evaluator(plans, batches)

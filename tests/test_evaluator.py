@@ -1,0 +1,166 @@
+"""Batched candidate evaluation: agreement with one-at-a-time evaluation, one compilation, devices, budget."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qslm_jax.data import strided_windows
+from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+from qslm_jax.qslm.evaluator import Evaluator, evaluate_candidates, stack_batches
+from qslm_jax.qslm.metrics import Accuracy, Perplexity, perplexity
+from qslm_jax.quant.apply import quantize_model
+from qslm_jax.quant.plan import QuantPlan
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = SpikeGPTConfig.preset("spikegpt-tiny", n_classes=2)
+PLANS = [QuantPlan(), QuantPlan(8), QuantPlan(4), QuantPlan(8).with_block("attention_1", 3),
+         QuantPlan(6).with_module("attention_0/ffn.key", 1.58), QuantPlan(2).with_block("output", 1)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return SpikeGPT(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def lm_batches():
+    tokens = np.random.default_rng(0).integers(2, CONFIG.vocab_size, 150)
+    return list(strided_windows(tokens, 16, stride=8).batches(4))
+
+
+def _reference_nll(model, batches) -> tuple[float, float]:
+    """Summed NLL (float64) of the model's own forward pass, batch by batch."""
+    forward = nnx.jit(lambda m, idx: m(idx))
+    nll = tokens = 0.0
+    for batch in batches:
+        logits = np.asarray(forward(model, jnp.asarray(batch["idx"])), np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        target = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        nll -= float((target * batch["score_mask"]).sum())
+        tokens += float(batch["score_mask"].sum())
+    return nll, tokens
+
+
+def test_batched_equals_one_at_a_time(model, lm_batches):
+    with jax.default_matmul_precision("highest"):
+        evaluator = Evaluator(model, Perplexity(), chunk_size=4)
+        stats = evaluator.stats(PLANS, lm_batches)
+        for plan, got in zip(PLANS, stats, strict=True):
+            nll, tokens = _reference_nll(quantize_model(model, plan), lm_batches)
+            assert got["tokens"] == tokens == 149  # every token but the first scored once
+            assert got["nll"] == pytest.approx(nll, rel=1e-5)
+    values = [perplexity(s["nll"], s["tokens"]) for s in stats]
+    assert len(set(values)) == len(PLANS)  # the plans really differ
+
+
+def test_perplexity_is_exact_over_the_split_not_a_mean_of_batches(model, lm_batches):
+    evaluator = Evaluator(model, Perplexity())
+    whole = evaluator([QuantPlan()], lm_batches)[0]
+    per_batch = [evaluator.stats([QuantPlan()], [b])[0] for b in lm_batches]
+    assert whole == pytest.approx(np.exp(sum(s["nll"] for s in per_batch) / sum(s["tokens"] for s in per_batch)),
+                                  rel=1e-6)
+    mean_of_ppl = np.mean([perplexity(s["nll"], s["tokens"]) for s in per_batch])
+    assert abs(mean_of_ppl - whole) > 1e-3 * whole
+
+
+def test_compiles_once_for_any_list_of_plans(model, lm_batches):
+    evaluator = Evaluator(model, Perplexity(), chunk_size=4)
+    compiles: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    lists = [PLANS[:4], PLANS[2:], [QuantPlan(q) for q in (16, 12, 5, 3)]]
+    first = evaluator(lists[0], lm_batches)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rest = [evaluator(plans, lm_batches) for plans in lists[1:]]
+        shorter = evaluator(PLANS[:3], lm_batches)  # padded to the chunk size
+        longer = evaluator(PLANS, lm_batches)  # two chunks
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert evaluator.compilations == 1
+    assert compiles == []
+    assert shorter == first[:3] and longer[:4] == first and longer[2:] == rest[0]
+
+
+def test_accuracy_ignores_dummy_rows(model):
+    rng = np.random.default_rng(1)
+    idx = rng.integers(2, CONFIG.vocab_size, (3, 4, 12)).astype(np.int32)
+    mask = np.ones_like(idx)
+    mask[:, :, 9:] = 0
+    labels = rng.integers(0, 2, (3, 4)).astype(np.int32)
+    valid = np.ones((3, 4), np.float32)
+    valid[2, 2:] = 0.0  # the last batch has two dummy rows
+    batches = [{"idx": idx[i], "attention_mask": mask[i], "labels": labels[i], "valid": valid[i]} for i in range(3)]
+    plans = [QuantPlan(), QuantPlan(4), QuantPlan(1)]
+    got = evaluate_candidates(model, plans, batches, Accuracy())
+    classify = nnx.jit(lambda m, idx, mask: m.classify(idx, mask))
+    for plan, acc in zip(plans, got, strict=True):
+        qmodel = quantize_model(model, plan)
+        pred = np.concatenate([np.argmax(classify(qmodel, b["idx"], b["attention_mask"]), -1) for b in batches])
+        hits = (pred == labels.ravel())[valid.ravel() > 0]
+        assert acc == pytest.approx(100.0 * hits.mean())
+
+
+def test_memory_budget_sets_the_chunk(model, lm_batches):
+    stacked = stack_batches(lm_batches)
+    roomy = Evaluator(model, Perplexity(), memory_budget_bytes=10**12)
+    assert roomy.chunk_size(len(PLANS), stacked) == len(PLANS)  # all plans fit: never more than asked for
+    per_device = roomy._budget_chunk(stacked)
+    assert per_device > 1000  # a terabyte holds many tiny-model candidates
+    tight = Evaluator(model, Perplexity(), memory_budget_bytes=10**12 // per_device * 3)
+    assert 1 <= tight.chunk_size(len(PLANS), stacked) <= 3
+    assert tight(PLANS, lm_batches) == roomy(PLANS, lm_batches)
+    with pytest.raises(ConfigError, match="memory_budget_bytes"):
+        Evaluator(model, Perplexity(), memory_budget_bytes=1000)(PLANS[:1], lm_batches)
+
+
+def test_bad_batches_and_plans(model, lm_batches):
+    with pytest.raises(DataError, match="share keys and shapes"):
+        stack_batches([lm_batches[0], {k: v[:2] for k, v in lm_batches[0].items()}])
+    with pytest.raises(ConfigError, match="unknown units"):
+        evaluate_candidates(model, [QuantPlan(8, {"encoder_0": 4})], lm_batches, Perplexity())
+
+
+MULTI_DEVICE = textwrap.dedent("""
+    import jax, numpy as np
+    from flax import nnx
+    from qslm_jax.data import strided_windows
+    from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+    from qslm_jax.qslm.evaluator import Evaluator
+    from qslm_jax.qslm.metrics import Perplexity
+    from qslm_jax.quant.plan import QuantPlan
+    assert jax.local_device_count() == 4, jax.devices()
+    model = SpikeGPT(SpikeGPTConfig.preset("spikegpt-tiny"), rngs=nnx.Rngs(0))
+    batches = list(strided_windows(np.random.default_rng(0).integers(2, 100, 150), 16, stride=8).batches(4))
+    plans = [QuantPlan(q) for q in (32, 16, 8, 6, 4, 3, 2, 1.58, 1)]
+    four = Evaluator(model, Perplexity(), chunk_size=8)
+    one = Evaluator(model, Perplexity(), chunk_size=8, devices=jax.devices()[:1])
+    a, b = four.stats(plans, batches), one.stats(plans, batches)
+    assert len(four.devices) == 4 and len(one.devices) == 1
+    assert a == b, (a, b)
+    print("IDENTICAL", len(plans))
+""")
+
+
+def test_four_devices_give_identical_results():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IDENTICAL 9" in proc.stdout
