@@ -106,6 +106,8 @@ PRESETS: dict[str, SpikeGPTConfig] = {
     "spikegpt216m": SpikeGPTConfig(n_layer=18, n_embd=768, vocab_size=50277, ctx_len=1024),
     # embedded / CPU default (preliminary size)
     "spikegpt-small": SpikeGPTConfig(n_layer=4, n_embd=128, vocab_size=50277, ctx_len=128),
+    # CLI smoke tests with the real GPT-NeoX tokenizer (seconds on a CPU)
+    "spikegpt-micro": SpikeGPTConfig(n_layer=2, n_embd=16, vocab_size=50277, ctx_len=32),
     # for tests
     "spikegpt-tiny": SpikeGPTConfig(n_layer=2, n_embd=32, vocab_size=100, ctx_len=32),
 }

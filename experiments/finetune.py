@@ -1,0 +1,67 @@
+"""Fine-tune a SpikeGPT on SST-2 or WikiText-2: ``python -m experiments.finetune --model M --task T``.
+
+Checkpoints go to ``OUT/train`` every ``--checkpoint-every`` steps: rerunning the same command resumes an
+interrupted run (same seed and data order, so the result equals an uninterrupted run). The final model is saved
+to ``OUT/model`` (load it with ``qslm_jax.model_io.load_model`` or pass it as ``--model`` / ``--checkpoint`` to
+``experiments.tiered``); metrics go to ``OUT/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
+from qslm_jax.qslm.models import resolve_model
+from qslm_jax.qslm.tasks import TASKS, get_task
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.qslm.finetuning)."""
+    p = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="spikegpt-small",
+                   help="preset name, reference checkpoint (.pth/.safetensors/hf://) or saved model directory")
+    p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
+    p.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/finetune-MODEL-TASK)")
+    p.add_argument("--data-dir", default=None, help="local data directory (layout of shared/data); "
+                   "default $QSLM_DATA_DIR, else the HF hub")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's recipe)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples / tokens")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N steps in total (resumable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _recipe_from(args, task_name: str) -> Recipe:
+    base = RECIPES[task_name]
+    overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
+                                                 ("warmup_steps", args.warmup),
+                                                 ("checkpoint_every", args.checkpoint_every),
+                                                 ("seed", args.seed)) if value is not None}
+    return Recipe(dataclasses.replace(base.train, **overrides), args.batch_size or base.batch_size,
+                  base.eval_batch_size)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the fine-tuning described by ``argv``; returns (and prints) its metrics."""
+    args = build_parser().parse_args(argv)
+    task = get_task(args.task)
+    model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed)
+    out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"
+    metrics = finetune(model, task, _recipe_from(args, task.name), out, data_dir=args.data_dir,
+                       eval_limit=args.eval_limit, progress=not args.no_progress, stop_after=args.stop_after)
+    print(json.dumps(metrics, indent=1))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

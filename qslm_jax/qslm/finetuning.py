@@ -1,0 +1,151 @@
+"""Fine-tuning SpikeGPT on a QSLM task, and the cached embedded default model (``spikegpt-small``).
+
+:func:`finetune` trains with :func:`qslm_jax.training.train` (AdamW, warm-up, clipping, orbax checkpoints under
+``out/train`` so an interrupted run resumes), saves the final model to ``out/model`` and writes
+``out/metrics.json``, ``out/history.json`` and ``out/curve.png``. :func:`embedded_model` returns the default
+model of a task, training it once with :data:`RECIPES` and caching it under ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from flax import nnx
+
+from qslm_jax.model_io import INFO_FILE, load_model, save_model
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+from qslm_jax.qslm.evaluator import evaluate_candidates
+from qslm_jax.qslm.metrics import Accuracy, Perplexity
+from qslm_jax.qslm.ngram import baseline_perplexities
+from qslm_jax.qslm.report import write_json
+from qslm_jax.qslm.tasks import Task, load_task_data, training_loss
+from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.training import TrainConfig, train
+
+log = logging.getLogger(__name__)
+EMBEDDED_PRESET = "spikegpt-small"
+CACHE_ENV = "QSLM_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the embedded default is trained on a task (:class:`TrainConfig` plus batch sizes)."""
+
+    train: TrainConfig
+    batch_size: int
+    eval_batch_size: int
+
+
+RECIPES = {
+    "sst2": Recipe(TrainConfig(steps=2400, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
+                               clip_norm=1.0, checkpoint_every=200), batch_size=32, eval_batch_size=64),
+    "wikitext2": Recipe(TrainConfig(steps=1500, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
+                                    clip_norm=1.0, checkpoint_every=200), batch_size=16, eval_batch_size=8),
+}
+
+
+def metric_of(task: Task) -> Accuracy | Perplexity:
+    """The evaluation metric of ``task`` (accuracy in % or perplexity)."""
+    return Accuracy() if task.n_classes else Perplexity()
+
+
+def default_cache_dir() -> Path:
+    """``$QSLM_CACHE_DIR`` or ``~/.cache/qslm_jax``."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "qslm_jax"))
+
+
+def evaluate(model: SpikeGPT, task: Task, batches) -> float:
+    """The fp32 metric of ``model`` on ``batches``."""
+    return evaluate_candidates(model, [QuantPlan()], batches, metric_of(task))[0]
+
+
+def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir: str | Path | None = None,
+             eval_limit: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Train ``model`` on ``task`` per ``recipe`` into ``out`` (resuming from ``out/train``); returns the metrics.
+
+    For wikitext2 the metrics also hold unigram and bigram perplexities of the same training text
+    (:mod:`qslm_jax.qslm.ngram`) as a yardstick.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_task_data(task, ctx_len=model.config.ctx_len, train_batch_size=recipe.batch_size,
+                          eval_batch_size=recipe.eval_batch_size, eval_limit=eval_limit, data_dir=data_dir,
+                          seed=recipe.train.seed)
+    result = train(model, training_loss(task), data.train_batch_at, recipe.train, checkpoint_dir=out / "train",
+                   items_per_batch=data.items_per_train_batch, progress=progress, stop_after=stop_after)
+    metrics = {"task": task.name, "metric_name": task.metric_name, "protocol": data.protocol,
+               "config": dataclasses.asdict(model.config), "recipe": _recipe_dict(recipe),
+               "steps_done": result.history[-1]["step"] if result.history else 0,
+               "train_seconds_this_run": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step}
+    write_json(out / "history.json", result.history)
+    _plot_history(result.history, out / "curve.png", task)
+    if stop_after is not None and stop_after < recipe.train.steps:
+        return metrics | {"interrupted": True}
+    start = time.perf_counter()
+    metrics["metric"] = evaluate(result.model, task, data.eval_batches)
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    if not task.n_classes:
+        metrics["baselines"] = _ngram_baselines(data_dir)
+    save_model(result.model, out / "model", overwrite=True)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _ngram_baselines(data_dir) -> dict:
+    from qslm_jax.data import gpt_neox_tokenizer, join_rows, load_wikitext_rows
+
+    tok = gpt_neox_tokenizer(data_dir=data_dir)
+    train = tok.encode(join_rows(load_wikitext_rows("validation", data_dir=data_dir)[0], "hf"))
+    test = tok.encode(join_rows(load_wikitext_rows("test", data_dir=data_dir)[0], "hf"))
+    return baseline_perplexities(train, test, tok.vocab_size) | {
+        "note": "trained on WikiText-2 valid, scored on every test token but the first (full test split)"}
+
+
+def _recipe_dict(recipe: Recipe) -> dict:
+    return {"train": dataclasses.asdict(recipe.train), "batch_size": recipe.batch_size,
+            "eval_batch_size": recipe.eval_batch_size}
+
+
+def _plot_history(history: list[dict], path: Path, task: Task) -> None:
+    if not history:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (cross-entropy)")
+    ax.set_title(f"fine-tuning on {task.name}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def embedded_model(task: Task, *, cache_dir: str | Path | None = None, data_dir: str | Path | None = None,
+                   progress: bool = True) -> tuple[SpikeGPT, dict]:
+    """The embedded default model of ``task`` and its training metrics: loaded from the cache, or trained
+    once with :data:`RECIPES` (``spikegpt-small``, about a quarter of an hour on a 2-core CPU) and cached.
+
+    The cache key covers the preset and the recipe, so changing either trains a new model.
+    """
+    recipe = RECIPES[task.name]
+    config = SpikeGPTConfig.preset(EMBEDDED_PRESET, n_classes=task.n_classes)
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(config), _recipe_dict(recipe)], sort_keys=True)
+                         .encode()).hexdigest()[:12]
+    out = Path(cache_dir or default_cache_dir()) / f"{EMBEDDED_PRESET}-{task.name}-{key}"
+    if (out / "model" / INFO_FILE).is_file() and (out / "metrics.json").is_file():
+        return load_model(out / "model"), json.loads((out / "metrics.json").read_text())
+    log.warning("training the embedded default %s on %s once (cached in %s)", EMBEDDED_PRESET, task.name, out)
+    model = SpikeGPT(config, rngs=nnx.Rngs(recipe.train.seed))
+    metrics = finetune(model, task, recipe, out, data_dir=data_dir, progress=progress)
+    return load_model(out / "model"), metrics

@@ -1,0 +1,139 @@
+"""The two SpikeGPT tasks of the QSLM study: data, training loss and metric conventions in one place.
+
+* ``sst2``: GLUE SST-2 sentiment; train split for fine-tuning, validation split (872 sentences) for the metric,
+  accuracy in percent (higher is better); :meth:`SpikeGPT.classify` on right-padded GPT-NeoX tokens.
+* ``wikitext2``: WikiText-2 raw; the model is trained on ``valid`` (the train split is not available on this
+  machine, PROVENANCE.md) and scored on ``test`` by the strided perplexity protocol of qslm.md section 4
+  (lower is better).
+
+``eval_limit`` keeps the first N examples (sst2) or the first N tokens of the test text (wikitext2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qslm_jax.data import (
+    encode_classification,
+    gpt_neox_tokenizer,
+    lm_training_batches,
+    load_glue,
+    load_wikitext_rows,
+    strided_windows,
+)
+from qslm_jax.data.wikitext import JOINS, join_rows
+from qslm_jax.errors import ConfigError
+
+SST2_MAX_LENGTH = 64  # GPT-NeoX tokens: covers all of validation (max 60); the few longer train rows are cut
+
+
+@dataclass(frozen=True)
+class Task:
+    """Metric conventions of a task: its name in reports, direction and the classifier width it needs."""
+
+    name: str
+    metric_name: str
+    higher_is_better: bool
+    n_classes: int  # 0: language modelling
+
+
+TASKS = {
+    "sst2": Task("sst2", "accuracy (%)", True, 2),
+    "wikitext2": Task("wikitext2", "perplexity", False, 0),
+}
+
+
+def get_task(name: str) -> Task:
+    """The :class:`Task` called ``name``; :class:`ConfigError` naming the choices otherwise."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}: expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+@dataclass(frozen=True, eq=False)
+class TaskData:
+    """Training batches (``batch_at(step)``), fixed-shape evaluation batches and the protocol sentence."""
+
+    train_batch_at: Callable[[int], dict[str, np.ndarray]] | None
+    eval_batches: list[dict[str, np.ndarray]]
+    eval_items: int  # examples (sst2) or scored tokens (wikitext2)
+    protocol: str
+    items_per_train_batch: int
+
+
+def load_task_data(
+    task: Task,
+    *,
+    ctx_len: int,
+    train_batch_size: int = 32,
+    eval_batch_size: int = 32,
+    eval_limit: int | None = None,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    with_train: bool = True,
+) -> TaskData:
+    """Load, tokenize and batch the data of ``task`` (see the module docstring for the splits)."""
+    tokenizer = gpt_neox_tokenizer(data_dir=data_dir)
+    if task.name == "sst2":
+        dev = encode_classification(load_glue("sst2", "validation", data_dir=data_dir), tokenizer,
+                                    max_length=SST2_MAX_LENGTH)
+        if eval_limit is not None:
+            dev = _first_examples(dev, eval_limit)
+        train_at = None
+        if with_train:
+            train = encode_classification(load_glue("sst2", "train", data_dir=data_dir), tokenizer,
+                                          max_length=SST2_MAX_LENGTH)
+            train_at = train.training_batches(train_batch_size, seed)
+        return TaskData(train_at, list(dev.batches(eval_batch_size)), len(dev),
+                        f"accuracy (%) on {dev.description}", train_batch_size)
+    rows, source = load_wikitext_rows("test", data_dir=data_dir)
+    tokens = tokenizer.encode(join_rows(rows, "hf"))
+    limited = "" if eval_limit is None else f", first {min(eval_limit, len(tokens))} tokens only (--eval-limit)"
+    windows = strided_windows(tokens[:eval_limit], ctx_len, pad_id=tokenizer.pad_id, text_description=(
+        f"WikiText-2 raw test ({source}), text = {JOINS['hf']}, {tokenizer.name} tokenizer{limited}"))
+    train_at = None
+    if with_train:
+        train_rows, _ = load_wikitext_rows("validation", data_dir=data_dir)
+        train_at = lm_training_batches(tokenizer.encode(join_rows(train_rows, "hf")), ctx_len,
+                                       train_batch_size, seed)
+    return TaskData(train_at, list(windows.batches(eval_batch_size)), windows.scored_tokens, windows.protocol,
+                    train_batch_size * ctx_len)
+
+
+def _first_examples(dataset, limit: int):
+    from qslm_jax.data import ClassificationDataset
+
+    keep = slice(0, max(1, min(limit, len(dataset))))
+    return ClassificationDataset({k: v[keep] for k, v in dataset.inputs.items()}, dataset.labels[keep],
+                                 dataset.num_labels, dataset.description + f", first {keep.stop} (--eval-limit)")
+
+
+def classification_loss(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy of ``model.classify`` over the valid rows, and the batch accuracy."""
+    logits = model.classify(batch["idx"], batch["attention_mask"])
+    weight = batch.get("valid", jnp.ones(logits.shape[0]))
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(logits.dtype)
+    denom = jnp.maximum(weight.sum(), 1.0)
+    return (nll * weight).sum() / denom, {"accuracy": (correct * weight).sum() / denom}
+
+
+def language_model_loss(model, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy over the targets (weighted by ``score_mask`` when present)."""
+    logits = model(batch["idx"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weight = batch.get("score_mask", jnp.ones(nll.shape, nll.dtype))
+    mean = (nll * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    return mean, {"perplexity": jnp.exp(mean)}
+
+
+def training_loss(task: Task):
+    """The training loss function ``(model, batch) -> (loss, metrics)`` of ``task``."""
+    return classification_loss if task.n_classes else language_model_loss
