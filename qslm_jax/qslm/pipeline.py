@@ -1,0 +1,330 @@
+"""The QSLM pipeline on one model and task: sensitivity analysis, tiered search, selection, report.
+
+:func:`run_qslm` ties the pieces together (qslm.md sections 1-4):
+
+1. the batched :class:`~qslm_jax.qslm.evaluator.Evaluator` (one compilation, vmapped candidates) behind a
+   journal, with GPU power sampled around every batched call (NVML; "not measured" elsewhere);
+2. the sensitivity table (every block alone at every level, one batched call) and the block order it implies;
+3. :func:`~qslm_jax.qslm.search.tiered_search` under ``const_a`` / ``const_m``;
+4. the trade-off selection at ``alpha`` and the alpha ablation;
+5. the output directory: ``report.json``, ``candidates.csv``, ``sensitivity.csv``, ``pareto.png``,
+   ``sensitivity.png``, ``summary.md`` and the selection exported as packed integer codes.
+
+The paper's six cases (:data:`CASES`) are stated for SpikeGPT-216M (861.6 MB at fp32); for another model the
+memory budgets scale with its fp32 size (:func:`case_budget_mb`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from qslm_jax.errors import ConfigError
+from qslm_jax.models.spikegpt import SpikeGPT
+from qslm_jax.qslm.energy import LayerOps, estimate_energy
+from qslm_jax.qslm.evaluator import Evaluator
+from qslm_jax.qslm.finetuning import metric_of
+from qslm_jax.qslm.journal import Journal
+from qslm_jax.qslm.power import PowerMeter
+from qslm_jax.qslm.report import plot_pareto, plot_sensitivity, write_candidates_csv, write_json
+from qslm_jax.qslm.search import (
+    CachedEvaluator,
+    SearchResult,
+    sensitivity_order,
+    sensitivity_table,
+    tiered_search,
+)
+from qslm_jax.qslm.selection import ALPHAS, NoFeasibleCandidate, alpha_ablation, scored_candidates, select
+from qslm_jax.qslm.tasks import Task, load_task_data
+from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
+from qslm_jax.quant.plan import QuantPlan
+
+MB = 1e6
+PAPER_FP32_MB = 861.597696  # SpikeGPT-216M at fp32 (qslm.md section 2)
+DEFAULT_LEVELS = (32, 16, 12, 8, 6, 4, 3, 2)
+EXIT_NO_FEASIBLE = 2
+# the paper's cases on SpikeGPT-216M (qslm.md "What the user gives and gets"): task, const_a, const_m (MB)
+CASES = {
+    "a1": ("sst2", 2.0, 400.0), "a2": ("sst2", 5.0, 400.0), "a3": ("sst2", 5.0, 420.0),
+    "b1": ("wikitext2", 1.0, 400.0), "b2": ("wikitext2", 4.0, 400.0), "b3": ("wikitext2", 4.0, 420.0),
+}
+
+
+def case_budget_mb(case: str, fp32_bytes: int) -> float:
+    """The memory budget of paper case ``case`` for a model of ``fp32_bytes``: the case's MB scaled by
+    ``fp32 / 861.6 MB`` (so SpikeGPT-216M gets exactly 400 or 420 MB)."""
+    if case not in CASES:
+        raise ConfigError(f"unknown case {case!r}: expected one of {sorted(CASES)}")
+    return CASES[case][2] * (fp32_bytes / MB) / PAPER_FP32_MB
+
+
+@dataclass(frozen=True)
+class QSLMSettings:
+    """What a search is asked: constraints, levels, selection factor and evaluation set-up."""
+
+    const_a: float
+    const_m_mb: float
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+    alpha: float = 0.5
+    alphas: tuple[float, ...] = ALPHAS
+    eval_limit: int | None = None
+    eval_batch_size: int = 32
+    chunk_size: int | None = 8
+    devices: int | None = None  # number of local devices to shard candidates over (default all)
+
+
+def parameter_fingerprint(model: nnx.Module) -> str:
+    """SHA-256 of every parameter array (path, dtype, shape, bytes): identifies the weights in journals."""
+    digest = hashlib.sha256()
+    for path, value in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
+        array = np.asarray(value.get_value() if hasattr(value, "get_value") else value)
+        digest.update(f"{path}{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def spikegpt_energy(model: SpikeGPT, plan: QuantPlan, hierarchy: Hierarchy, *, classify: bool,
+                    spike_rates: np.ndarray | None = None) -> dict[str, Any]:
+    """Operation-count energy per token (:mod:`qslm_jax.qslm.energy`) of SpikeGPT under ``plan``.
+
+    Every SpikeGPT Linear reads real values (LayerNorm outputs, ``r * wkv``, ``relu(k)^2``), so each is counted
+    as MACs at its weight bit width; the LM head runs only for language modelling, the classifier only once
+    per sequence (neglected). The LIF spike rates are reported alongside.
+    """
+    c, layers = model.config.n_embd, []
+    shapes = {"att.key": (c, c), "att.value": (c, c), "att.receptance": (c, c), "att.output": (c, c),
+              "ffn.key": (c, 4 * c), "ffn.receptance": (c, c), "ffn.value": (4 * c, c)}
+    for i in range(model.config.n_layer):
+        for name, (n_in, n_out) in shapes.items():
+            module = f"attention_{i}/{name}"
+            layers.append(LayerOps(n_in, n_out, None, float(plan.module_bits(module)), name=module))
+    if not classify:
+        layers.append(LayerOps(c, model.config.vocab_size, None, float(plan.block_bits("output")), name="head"))
+    estimate = estimate_energy(layers).to_dict()
+    if spike_rates is not None:
+        estimate["lif_spike_rates"] = np.asarray(spike_rates).tolist()
+    return estimate
+
+
+def _mean_spike_rates(model: SpikeGPT, batch: dict, classify: bool) -> np.ndarray:
+    if classify:
+        _, rates = model.classify(batch["idx"], batch["attention_mask"], return_spike_rates=True)
+    else:
+        _, rates = model(batch["idx"], return_spike_rates=True)
+    return np.asarray(rates)
+
+
+def _check_vocabulary(model: SpikeGPT, batches: Sequence[dict]) -> None:
+    largest = max(int(np.max(b["idx"])) for b in batches)
+    if largest >= model.config.vocab_size:
+        raise ConfigError(f"the data hold token id {largest} but the model's vocabulary has "
+                          f"{model.config.vocab_size} entries: use a model trained with the GPT-NeoX tokenizer")
+
+
+class MeteredEvaluate:
+    """``evaluate(plans) -> metrics`` over fixed batches, with GPU power sampled around every batched call."""
+
+    def __init__(self, evaluator: Evaluator, batches: Sequence[dict]):
+        self.evaluator, self.batches = evaluator, list(batches)
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, plans: list[QuantPlan]) -> list[float]:
+        with PowerMeter() as meter:
+            metrics = self.evaluator(plans, self.batches)
+        reading = meter.reading.to_dict()
+        per = reading["energy_j"] / len(plans) if reading["measured"] else None
+        self.calls.append({"plans": len(plans), **reading, "energy_j_per_candidate": per})
+        return metrics
+
+
+@dataclass
+class EvaluationContext:
+    """Everything a search or sensitivity run evaluates with: the hierarchy, data, compiled evaluator
+    (power-metered) and the journal."""
+
+    model: SpikeGPT
+    task: Task
+    hierarchy: Hierarchy
+    data: Any
+    evaluator: Evaluator
+    evaluate: MeteredEvaluate
+    journal: Journal
+
+
+def prepare_evaluation(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, model_description: dict,
+                       data_dir: str | Path | None = None, journal_path: Path | None = None) -> EvaluationContext:
+    """Load the evaluation data, build the batched evaluator and open (or resume) the journal in ``out``.
+
+    The journal's fingerprint covers the weights, the task, the evaluation protocol and the quantizer scheme,
+    not the constraints, so one journal serves every case of a model and task.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    hierarchy = hierarchy_of(model)
+    data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=settings.eval_batch_size,
+                          eval_limit=settings.eval_limit, data_dir=data_dir, with_train=False)
+    _check_vocabulary(model, data.eval_batches)
+    devices = jax.local_devices()[:settings.devices] if settings.devices else None
+    evaluator = Evaluator(model, metric_of(task), hierarchy=hierarchy, chunk_size=settings.chunk_size,
+                          devices=devices)
+    journal = Journal(journal_path or out / "journal.jsonl", {
+        "weights_sha256": parameter_fingerprint(model), "model": model_description, "task": task.name,
+        "protocol": data.protocol, "eval_items": data.eval_items, "scheme": repr(hierarchy.scheme)})
+    return EvaluationContext(model, task, hierarchy, data, evaluator, MeteredEvaluate(evaluator, data.eval_batches),
+                             journal)
+
+
+def run_sensitivity(ctx: EvaluationContext, levels: Sequence[float], const_a: float
+                    ) -> tuple[float, dict, tuple[str, ...]]:
+    """The fp32 baseline metric, the sensitivity table (every block alone at every level, one batched call)
+    and the block order it implies (least sensitive first; qslm.md section 1)."""
+    baseline_metric = CachedEvaluator(ctx.evaluate, ctx.hierarchy, ctx.journal)([QuantPlan()])[0]
+    table = sensitivity_table(ctx.hierarchy, ctx.evaluate, levels, journal=ctx.journal)
+    order = sensitivity_order(table, baseline_metric, const_a=const_a, higher_is_better=ctx.task.higher_is_better)
+    return baseline_metric, table, order
+
+
+def write_sensitivity(out: Path, table: dict, baseline_metric: float, task: Task) -> None:
+    """``sensitivity.csv`` (blocks x levels, metric) and the heat-map ``sensitivity.png`` (metric change)."""
+    levels = sorted({q for row in table.values() for q in row}, reverse=True)
+    lines = ["block," + ",".join(str(q) for q in levels)]
+    lines += [f"{b}," + ",".join(f"{row[q]:.6g}" for q in levels) for b, row in table.items()]
+    (out / "sensitivity.csv").write_text("\n".join(lines) + "\n")
+    plot_sensitivity(out / "sensitivity.png", table, baseline_metric=baseline_metric, metric_name=task.metric_name)
+
+
+def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, model_description: dict,
+             data_dir: str | Path | None = None, journal_path: Path | None = None, progress: bool = True
+             ) -> tuple[dict[str, Any], int]:
+    """Run the whole pipeline (module docstring) and write the report into ``out``.
+
+    Returns ``(report, exit_code)``: 0 with a selection, :data:`EXIT_NO_FEASIBLE` when no candidate meets both
+    constraints (the report then lists the closest candidates).
+    """
+    out = Path(out)
+    started = time.perf_counter()
+    ctx = prepare_evaluation(model, task, settings, out, model_description=model_description, data_dir=data_dir,
+                             journal_path=journal_path)
+    hierarchy, data, evaluator, evaluate, journal = ctx.hierarchy, ctx.data, ctx.evaluator, ctx.evaluate, ctx.journal
+
+    tic = time.perf_counter()
+    _, table, order = run_sensitivity(ctx, settings.levels, settings.const_a)
+    sensitivity_seconds = time.perf_counter() - tic
+
+    bar = tqdm(desc="tiered search", unit="cand", disable=not progress)
+
+    def on_evaluated(made):
+        bar.update(len(made))
+        bar.set_postfix(phase=made[0].phase, unit=made[0].unit)
+
+    result = tiered_search(hierarchy, evaluate, levels=settings.levels, const_a=settings.const_a,
+                           const_m=settings.const_m_mb, higher_is_better=task.higher_is_better, order=order,
+                           journal=journal, on_evaluated=on_evaluated)
+    bar.close()
+
+    report = _base_report(model, task, settings, model_description, data, hierarchy, result, evaluator,
+                          evaluate, journal, table, order, sensitivity_seconds)
+    classify = bool(task.n_classes)
+    rates = _mean_spike_rates(model, data.eval_batches[0], classify)
+    report["energy_estimate"] = {"baseline": spikegpt_energy(model, QuantPlan(), hierarchy, classify=classify,
+                                                             spike_rates=rates)}
+    exit_code = 0
+    try:
+        selection = select(result, settings.alpha)
+        report["selection"] = {**selection.to_dict(), "memory_saving_percent":
+                               100.0 * (1.0 - selection.candidate.memory_fraction)}
+        report["energy_estimate"]["selection"] = spikegpt_energy(model, selection.candidate.plan, hierarchy,
+                                                                 classify=classify)
+        report["alpha_ablation"] = {str(a): s.to_dict() for a, s in alpha_ablation(result, settings.alphas).items()}
+        _export_selection(model, selection.candidate.plan, hierarchy, out, report)
+    except NoFeasibleCandidate as err:
+        exit_code = EXIT_NO_FEASIBLE
+        report["selection"] = None
+        report["no_feasible"] = {"message": str(err), "closest": [
+            {**c.to_dict(), "violation": v} for c, v in err.closest]}
+    report["timings"]["total_seconds"] = time.perf_counter() - started
+    _write_outputs(out, report, table, task, settings)
+    return report, exit_code
+
+
+def _base_report(model, task, settings, model_description, data, hierarchy, result: SearchResult, evaluator,
+                 evaluate: MeteredEvaluate, journal, table, order, sensitivity_seconds) -> dict[str, Any]:
+    baseline = result.baseline
+    power_measured = any(call["measured"] for call in evaluate.calls)
+    return {
+        "config": {"task": task.name, "metric": task.metric_name, "higher_is_better": task.higher_is_better,
+                   **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()},
+                   "model": model_description, "model_config": dataclasses.asdict(model.config),
+                   "protocol": data.protocol, "eval_items": data.eval_items},
+        "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                     "flax": __import__("flax").__version__, "devices": [str(d) for d in evaluator.devices]},
+        "baseline": {"metric": baseline.metric, "memory_bytes": baseline.memory_bytes},
+        "fp32_bytes": hierarchy.fp32_bytes,
+        "candidates": scored_candidates(result, settings.alpha),
+        "search": {k: v for k, v in result.to_dict().items() if k not in ("candidates", "baseline")},
+        "sensitivity": {"table": {b: {str(q): m for q, m in row.items()} for b, row in table.items()},
+                        "order": list(order)},
+        "evaluations": result.evaluations, "journal_hits": result.journal_hits,
+        "journal": {"path": str(journal.path), "entries": len(journal)},
+        "compilations": evaluator.compilations,
+        "timings": {"sensitivity_seconds": sensitivity_seconds, **{f"{k}_seconds": v
+                                                                   for k, v in result.seconds.items()}},
+        "power": {"measured": power_measured, "calls": evaluate.calls,
+                  "note": "NVML GPU power sampled around each batched evaluation call; energy per candidate = "
+                          "call energy / candidates in the call" if power_measured else
+                          "not measured (no NVIDIA GPU / NVML here); see energy_estimate for the "
+                          "operation-count model"},
+    }
+
+
+def _export_selection(model, plan: QuantPlan, hierarchy: Hierarchy, out: Path, report: dict) -> None:
+    from qslm_jax.quant.export import export_quantized
+
+    written = export_quantized(model, plan, out / "selection.safetensors", hierarchy=hierarchy)
+    report["export"] = {"path": str(written.path), "file_bytes": written.file_bytes,
+                        "payload_bytes": written.payload_bytes, "accounted_memory_bytes": written.memory_bytes}
+
+
+def _write_outputs(out: Path, report: dict, table, task: Task, settings: QSLMSettings) -> None:
+    write_json(out / "report.json", report)
+    write_candidates_csv(out / "candidates.csv", report["candidates"])
+    write_sensitivity(out, table, report["baseline"]["metric"], task)
+    plot_pareto(out / "pareto.png", report["candidates"], baseline=report["baseline"], const_a=settings.const_a,
+                const_m_bytes=settings.const_m_mb * MB, selection=report["selection"],
+                metric_name=task.metric_name, higher_is_better=task.higher_is_better)
+    (out / "summary.md").write_text(summary_markdown(report))
+
+
+def summary_markdown(report: dict) -> str:
+    """A human summary of ``report``: constraints, baseline, selection, ablation, cost."""
+    cfg, base = report["config"], report["baseline"]
+    lines = [f"# QSLM search: {cfg['task']} ({cfg['metric']})", "",
+             f"- model: {cfg['model']}", f"- protocol: {cfg['protocol']}",
+             f"- constraints: const_a = {cfg['const_a']}, const_m = {cfg['const_m_mb']:.4g} MB; "
+             f"levels {cfg['levels']}; alpha = {cfg['alpha']}",
+             f"- fp32 baseline: {cfg['metric']} {base['metric']:.4f}, {base['memory_bytes'] / MB:.4f} MB",
+             f"- evaluated {report['evaluations']} candidates ({report['journal_hits']} from the journal), "
+             f"{report['compilations']} compilation(s), {report['timings']['total_seconds']:.1f} s", ""]
+    sel = report.get("selection")
+    if sel:
+        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f}",
+                  f"- memory: {sel['memory_bytes'] / MB:.4f} MB ({sel['memory_saving_percent']:.1f}% saved vs fp32)",
+                  f"- plan: `{sel['plan']}`", "", "## Alpha ablation", "",
+                  "| alpha | metric | memory (MB) | saving | score |", "|---|---|---|---|---|"]
+        for alpha, row in report["alpha_ablation"].items():
+            lines.append(f"| {alpha} | {row['metric']:.4f} | {row['memory_bytes'] / MB:.4f} | "
+                         f"{100 * (1 - row['memory_fraction']):.1f}% | {row['score']:.4f} |")
+    else:
+        lines += ["## No feasible candidate", "", report["no_feasible"]["message"]]
+    lines += ["", f"Power: {report['power']['note']}."]
+    return "\n".join(lines) + "\n"
