@@ -1,0 +1,317 @@
+"""1 / 1.58-bit spiking BERT by knowledge distillation at equilibrium: ``python -m experiments.extreme_kd``.
+
+Stages (extreme_kd.md, "KD pipeline"), each a resumable :func:`qslm_jax.training.train` run with its orbax
+checkpoints in ``OUT/checkpoints/<stage>``:
+
+1. ``teacher`` (with ``--train-teacher``): a small BERT fine-tuned on the task with cross-entropy; or
+   ``--teacher DIR``, an HF BERT classifier loaded with ``converters.bert.load_bert``;
+2. ``internal`` (unless ``--no-internal-kd``): internal-layer KD, hidden states through ``fit_dense`` and
+   attention scores, teacher layers mapped uniformly onto the student's blocks;
+3. ``prediction``: prediction-layer KD (soft cross-entropy at ``--temperature``) and/or cross-entropy on
+   labels.
+
+The student is a SpikingBERT (IF neurons, T steps) initialised from the teacher (``--init teacher``) or at
+random, trained by implicit differentiation (no BPTT), with its encoder Linear kernels binarised (``--bits
+1``) or ternarised (``--bits 1.58``) through a straight-through estimator. ``OUT/results.json`` holds dev
+accuracy (and F1 for MRPC), the average spike rate of every neuron layer, the model size in bits and an
+operation / energy estimate; ``OUT/curve_<stage>.png`` the training curves. An interrupted run (or
+``--stop-after``) continues with the same command plus ``--resume`` and ends with the same result as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from flax import nnx
+from safetensors.numpy import save_file
+
+from converters.bert import bert_module_table, export_params, load_bert, tensor_keys
+from converters.spikingbert import spikingbert_from_bert
+from qslm_jax.data import bert_tokenizer
+from qslm_jax.equilibrium.kd import LayerMap
+from qslm_jax.equilibrium.train import (
+    KDObjective,
+    TaskData,
+    check_internal_kd_shapes,
+    check_student_teacher_io,
+    energy_report,
+    evaluate_student,
+    evaluate_teacher,
+    kd_loss,
+    load_task_data,
+    model_size,
+    student_level,
+    teacher_loss,
+    teacher_targets,
+)
+from qslm_jax.errors import ConfigError
+from qslm_jax.models.bert import BERT, BertConfig
+from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
+from qslm_jax.qslm.report import write_json
+from qslm_jax.training import TrainConfig, train
+
+# Flags that do not change what is trained: they may differ between a run and its --resume.
+NOT_SETTINGS = ("resume", "stop_after", "no_progress", "out", "data_dir", "eval_limit", "eval_batch_size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (defaults sized for a CPU)."""
+    p = argparse.ArgumentParser(prog="python -m experiments.extreme_kd", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=("sst2", "mrpc", "qnli"), default="sst2")
+    p.add_argument("--bits", type=float, choices=(32, 1.58, 1), default=1.58,
+                   help="weight precision of the student's encoder Linear layers")
+    teacher = p.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher", type=Path, help="HF BERT classifier fine-tuned on the task (load_bert)")
+    teacher.add_argument("--train-teacher", action="store_true", help="train a small BERT teacher here")
+    p.add_argument("--teacher-layers", type=int, default=4, help="layers of the teacher trained here")
+    p.add_argument("--teacher-steps", type=int, default=2000)
+    p.add_argument("--teacher-lr", type=float, default=5e-4)
+    p.add_argument("--init", choices=("teacher", "random"), default="teacher",
+                   help="student initialisation: the teacher's embeddings and uniformly chosen layers, "
+                   "or random")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="student (and trained teacher) hidden size; default: the loaded teacher's, else 128")
+    p.add_argument("--heads", type=int, default=None, help="attention heads; default: the teacher's, else 4")
+    p.add_argument("--intermediate", type=int, default=None, help="feed-forward width; default 4 x hidden")
+    p.add_argument("--blocks", type=int, default=4, help="student encoder blocks")
+    p.add_argument("--T", type=int, default=16, help="simulation time steps of the student")
+    p.add_argument("--vth", type=float, default=1.0, help="IF threshold")
+    p.add_argument("--no-internal-kd", action="store_true", help="skip the internal-layer KD stage")
+    p.add_argument("--internal-steps", type=int, default=None,
+                   help="internal-layer KD steps (default: --steps)")
+    p.add_argument("--steps", type=int, default=1000, help="prediction-stage steps")
+    p.add_argument("--internal-lr", type=float, default=5e-4, help="peak learning rate, internal-layer KD")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate, prediction stage")
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="linear warm-up share of each stage")
+    p.add_argument("--prediction", choices=sorted(KDObjective.PRESETS.keys() - {"internal"}), default="kd+ce",
+                   help="prediction-stage loss: soft cross-entropy with the teacher (kd), labels (ce) "
+                   "or both")
+    p.add_argument("--temperature", type=float, default=1.0, help="prediction-KD temperature tau")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example (the reference uses 128)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on the first N examples")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default runs/extreme_kd-TASK-BITSbit)")
+    p.add_argument("--data-dir", default=None, help="local data directory (layout of shared/data); "
+                   "default $QSLM_DATA_DIR, else the HF hub")
+    p.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after N optimizer steps over all stages, as an interruption would (resumable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _stage_config(args, steps: int, learning_rate: float, schedule: str) -> TrainConfig:
+    return TrainConfig(steps=steps, learning_rate=learning_rate,
+                       warmup_steps=round(args.warmup_fraction * steps), schedule=schedule,
+                       checkpoint_every=args.checkpoint_every, seed=args.seed)
+
+
+def _check_run_settings(args, out: Path) -> None:
+    """Refuse to mix runs: a fresh run needs an empty --out; --resume needs the same settings."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in NOT_SETTINGS}
+    path = out / "settings.json"
+    if path.exists():
+        if not args.resume:
+            raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another "
+                              "--out")
+        saved = json.loads(path.read_text())
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if changed:
+            raise ConfigError(f"--resume with settings that differ from the run in {out} (saved, given): "
+                              f"{changed}; resume with the original flags or use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
+
+
+class _Stages:
+    """Runs the stages in order with one step budget (``--stop-after``) and collects their histories."""
+
+    def __init__(self, args, out: Path):
+        self.args, self.out = args, out
+        self.done = 0  # steps of the stages before the current one
+        self.histories: dict[str, list[dict]] = {}
+        self.seconds: dict[str, float] = {}
+        self.interrupted = False
+
+    def run(self, name: str, model: nnx.Module, loss_fn, batch_at, config: TrainConfig,
+            items: int) -> nnx.Module:
+        """Train one stage (resuming from its checkpoints); after an interruption, return ``model`` as is."""
+        budget = None if self.args.stop_after is None else self.args.stop_after - self.done
+        if self.interrupted or (budget is not None and budget <= 0):
+            self.interrupted = True
+            return model
+        print(f"[{name}] {config.steps} steps, lr {config.learning_rate:g} ({config.schedule})")
+        result = train(model, loss_fn, batch_at, config, checkpoint_dir=self.out / "checkpoints" / name,
+                       items_per_batch=items, progress=not self.args.no_progress, stop_after=budget)
+        self.done += config.steps
+        self.histories[name] = result.history
+        self.seconds[name] = result.seconds
+        self.interrupted = budget is not None and budget < config.steps
+        return result.model
+
+
+def save_teacher(teacher: BERT, directory: Path) -> None:
+    """Save ``teacher`` as HF files (``config.json``, ``model.safetensors``) that ``--teacher`` reads."""
+    c = teacher.config
+    hf_config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
+                 "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+                 "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
+                 "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
+                 "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id, "hidden_act": "gelu"}
+    params = nnx.state(teacher, nnx.Param)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", hf_config)
+    tensors = export_params(params, tensor_keys(params, bert_module_table(c)))
+    save_file(tensors, directory / "model.safetensors")
+
+
+def _teacher(args, data: TaskData, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
+    if args.teacher is not None:
+        return load_bert(args.teacher), f"loaded from {args.teacher}"
+    hidden = args.hidden or 128
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_layers=args.teacher_layers,
+                        num_heads=args.heads or 4, intermediate_size=args.intermediate or 4 * hidden,
+                        max_positions=args.max_length, num_labels=data.train.num_labels)
+    teacher = BERT(config, rngs=nnx.Rngs(args.seed))
+    teacher = stages.run("teacher", teacher, teacher_loss,
+                         data.train.training_batches(args.batch_size, args.seed),
+                         _stage_config(args, args.teacher_steps, args.teacher_lr, "cosine"), args.batch_size)
+    if not stages.interrupted:
+        save_teacher(teacher, out / "teacher")
+    return teacher, (f"trained here from random initialisation ({args.teacher_steps} steps, cross-entropy); "
+                     f"saved to {out / 'teacher'} for --teacher")
+
+
+def _student(args, teacher: BERT, num_labels: int, vocab: int) -> SpikingBERT:
+    tc = teacher.config
+    shape = {"hidden": args.hidden or tc.hidden_size, "heads": args.heads or tc.num_heads}
+    shape["intermediate"] = args.intermediate or (tc.intermediate_size if shape["hidden"] == tc.hidden_size
+                                                  else 4 * shape["hidden"])
+    if args.init == "teacher":
+        if shape != {"hidden": tc.hidden_size, "heads": tc.num_heads, "intermediate": tc.intermediate_size}:
+            raise ConfigError(f"--init teacher copies the teacher's shape, but --hidden/--heads/"
+                              f"--intermediate ask for {shape}: drop them or use --init random")
+        return spikingbert_from_bert(teacher, T=args.T, vth=args.vth, num_layers=args.blocks,
+                                     num_classes=num_labels, seed=args.seed)
+    config = SpikingBERTConfig(**shape, vocab=vocab, max_positions=tc.max_positions, num_classes=num_labels,
+                               T=args.T, vth=args.vth, num_blocks=args.blocks)
+    return SpikingBERT(config, rngs=nnx.Rngs(args.seed))
+
+
+def plot_history(history: list[dict], path: Path, title: str) -> None:
+    """Training loss and its parts (and training accuracy) against the step."""
+    parts = [k for k in history[0] if k not in ("step", "grad_norm", "accuracy")]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [r["step"] for r in history]
+    for key in parts:
+        ax_loss.plot(steps, [r[key] for r in history], marker=".", label=key)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend(fontsize=8)
+    ax_acc.plot(steps, [100 * r["accuracy"] for r in history], marker=".")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("training-batch accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _task_metrics(metrics: dict[str, Any], task: str) -> dict[str, Any]:
+    """F1 is reported for MRPC only (GLUE's metrics)."""
+    return metrics if task == "mrpc" else {k: v for k, v in metrics.items() if k != "f1"}
+
+
+def _with_targets(batch_at, targets):
+    """``batch_at`` with the teacher's targets added to every batch (still a pure function of the step)."""
+    return lambda step: targets(batch_at(step))
+
+
+def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str, student: SpikingBERT,
+            layer_map: LayerMap, stages: _Stages) -> dict:
+    """Evaluate teacher and student on dev; write results.json and the training curves."""
+    bits, progress = student_level(args.bits), not args.no_progress
+    dev = evaluate_student(student, data.dev, bits, batch_size=args.eval_batch_size, progress=progress)
+    teacher_dev = evaluate_teacher(teacher, data.dev, batch_size=args.eval_batch_size, progress=progress)
+    results = {
+        "task": args.task, "bits": args.bits, "data": data.note,
+        "teacher": {"source": teacher_source, "layers": teacher.config.num_layers,
+                    "dev": _task_metrics(teacher_dev, args.task)},
+        "student": {"config": dataclasses.asdict(student.config), "init": args.init,
+                    "internal_kd": not args.no_internal_kd, "layer_map": vars(layer_map),
+                    "dev": _task_metrics(dev, args.task), "model_size": model_size(student, bits),
+                    "energy": energy_report(student.config, dev["spike_rates"], dev["tokens_per_example"],
+                                            bits)},
+        "history": stages.histories, "train_seconds": stages.seconds,
+    }
+    write_json(out / "results.json", results)
+    for name, history in stages.histories.items():
+        if history:
+            plot_history(history, out / f"curve_{name}.png",
+                         f"{args.task}, {args.bits:g}-bit student: {name}")
+    f1 = f" (F1 {dev['f1']:.2f})" if args.task == "mrpc" else ""
+    print(f"{args.task} dev: student ({args.bits:g}-bit) {dev['accuracy']:.2f}%{f1}, teacher "
+          f"{teacher_dev['accuracy']:.2f}%; mean spike rate {dev['mean_spike_rate']:.3f}; size "
+          f"{results['student']['model_size']['megabytes']:.2f} MB -> {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the pipeline described by ``argv``; returns the results (also written to OUT/results.json)."""
+    args = build_parser().parse_args(argv)
+    bits = student_level(args.bits)
+    out = args.out or Path("runs") / f"extreme_kd-{args.task}-{args.bits:g}bit"
+    _check_run_settings(args, out)
+    tokenizer = bert_tokenizer(data_dir=args.data_dir)
+    data = load_task_data(args.task, tokenizer, data_dir=args.data_dir, max_length=args.max_length,
+                          train_limit=args.train_limit, eval_limit=args.eval_limit, split_seed=args.seed)
+    print(data.note)
+    stages = _Stages(args, out)
+
+    teacher, teacher_source = _teacher(args, data, tokenizer.vocab_size, stages, out)
+    student = _student(args, teacher, data.train.num_labels, tokenizer.vocab_size)
+    check_student_teacher_io(student.config, teacher, data.train.num_labels)
+    layer_map = LayerMap.uniform(student.config.num_blocks, teacher.config.num_layers)
+    batch_at = data.train.training_batches(args.batch_size, args.seed)
+    objectives = [("prediction", KDObjective.preset(args.prediction, temperature=args.temperature),
+                   _stage_config(args, args.steps, args.lr, "cosine"))]
+    if not args.no_internal_kd:
+        check_internal_kd_shapes(student.config, teacher)
+        internal_steps = args.internal_steps or args.steps
+        objectives.insert(0, ("internal", KDObjective.preset("internal"),
+                              _stage_config(args, internal_steps, args.internal_lr, "constant")))
+    for name, objective, config in objectives:
+        stage_batches = batch_at
+        if objective.uses_teacher:
+            targets = teacher_targets(teacher, layer_map, internal=objective.internal,
+                                      predictions=objective.soft_ce > 0)
+            stage_batches = _with_targets(batch_at, targets)
+        student = stages.run(name, student, kd_loss(objective, bits), stage_batches, config, args.batch_size)
+
+    if stages.interrupted:
+        print(f"stopped after {args.stop_after} steps (--stop-after): rerun the same command with --resume")
+        return {"status": "interrupted", "steps": args.stop_after, "out": str(out)}
+    return _report(args, out, data, teacher, teacher_source, student, layer_map, stages)
+
+
+if __name__ == "__main__":
+    main()
