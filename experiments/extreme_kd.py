@@ -158,7 +158,8 @@ class _Stages:
             return model
         print(f"[{name}] {config.steps} steps, lr {config.learning_rate:g} ({config.schedule})")
         result = train(model, loss_fn, batch_at, config, checkpoint_dir=self.out / "checkpoints" / name,
-                       items_per_batch=items, progress=not self.args.no_progress, stop_after=budget)
+                       items_per_batch=items, item_unit="example", progress=not self.args.no_progress,
+                       stop_after=budget)
         self.done += config.steps
         self.histories[name] = result.history
         self.seconds[name] = result.seconds

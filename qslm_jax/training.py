@@ -91,6 +91,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     trainable: Any = nnx.Param,
     items_per_batch: int | None = None,
+    item_unit: str = "item",
     log_every: int = 10,
     progress: bool = True,
     stop_after: int | None = None,
@@ -98,7 +99,8 @@ def train(
     """Minimise ``loss_fn(model, batch_at(step))`` for ``config.steps`` steps; returns the trained model.
 
     ``trainable`` is an NNX filter of the variables the optimizer updates (others are carried unchanged).
-    ``items_per_batch`` (tokens or examples) turns steps/s into a throughput in the progress bar.
+    ``items_per_batch`` (tokens or examples, named ``item_unit``) turns steps/s into a throughput in the
+    progress bar.
     ``stop_after`` ends the run after that many steps in total, as an interruption would (for tests and
     time-limited jobs); the last checkpoint lets a later call continue.
     """
@@ -158,7 +160,7 @@ def train(
             history.append(record)
             rate = window_items / max(time.perf_counter() - window_start, 1e-9)
             bar.set_postfix(loss=f"{record['loss']:.4f}",
-                            **{("tok/s" if items_per_batch else "step/s"): f"{rate:.0f}"})
+                            **{(f"{item_unit}/s" if items_per_batch else "step/s"): f"{rate:.0f}"})
             window_start, window_items = time.perf_counter(), 0
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
             save(step + 1)

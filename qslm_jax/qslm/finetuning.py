@@ -83,7 +83,8 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
                           eval_batch_size=recipe.eval_batch_size, eval_limit=eval_limit, data_dir=data_dir,
                           seed=recipe.train.seed)
     result = train(model, training_loss(task), data.train_batch_at, recipe.train, checkpoint_dir=out / "train",
-                   items_per_batch=data.items_per_train_batch, progress=progress, stop_after=stop_after)
+                   items_per_batch=data.items_per_train_batch, item_unit="example" if task.n_classes else "token",
+                   progress=progress, stop_after=stop_after)
     metrics = {"task": task.name, "metric_name": task.metric_name, "protocol": data.protocol,
                "config": dataclasses.asdict(model.config), "recipe": _recipe_dict(recipe),
                "steps_done": result.history[-1]["step"] if result.history else 0,
