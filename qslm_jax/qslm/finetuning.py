@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from flax import nnx
 
+from qslm_jax.data import gpt_neox_tokenizer, join_rows, load_wikitext_rows
 from qslm_jax.model_io import INFO_FILE, load_model, save_model
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
@@ -104,8 +105,6 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
 
 
 def _ngram_baselines(data_dir) -> dict:
-    from qslm_jax.data import gpt_neox_tokenizer, join_rows, load_wikitext_rows
-
     tok = gpt_neox_tokenizer(data_dir=data_dir)
     train = tok.encode(join_rows(load_wikitext_rows("validation", data_dir=data_dir)[0], "hf"))
     test = tok.encode(join_rows(load_wikitext_rows("test", data_dir=data_dir)[0], "hf"))

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from qslm_jax.data import (
+    ClassificationDataset,
     encode_classification,
     gpt_neox_tokenizer,
     lm_training_batches,
@@ -107,9 +108,7 @@ def load_task_data(
                     train_batch_size * ctx_len)
 
 
-def _first_examples(dataset, limit: int):
-    from qslm_jax.data import ClassificationDataset
-
+def _first_examples(dataset: ClassificationDataset, limit: int) -> ClassificationDataset:
     keep = slice(0, max(1, min(limit, len(dataset))))
     return ClassificationDataset({k: v[keep] for k, v in dataset.inputs.items()}, dataset.labels[keep],
                                  dataset.num_labels, dataset.description + f", first {keep.stop} (--eval-limit)")
