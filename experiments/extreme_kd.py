@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from qslm_jax.equilibrium.train import (
     energy_report,
     evaluate_student,
     evaluate_teacher,
+    implicit_forward,
     kd_loss,
     load_task_data,
     model_size,
@@ -55,7 +57,7 @@ from qslm_jax.equilibrium.train import (
 )
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.bert import BERT, BertConfig
-from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
+from qslm_jax.models.spikingbert import GRADIENT_POINTS, SpikingBERT, SpikingBERTConfig
 from qslm_jax.qslm.report import write_json
 from qslm_jax.training import TrainConfig, train
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=4, help="student encoder blocks")
     p.add_argument("--T", type=int, default=16, help="simulation time steps of the student")
     p.add_argument("--vth", type=float, default=1.0, help="IF threshold")
+    p.add_argument("--gradient-at", choices=GRADIENT_POINTS[::-1], default="equilibrium",
+                   help="where the surrogate is linearised: at the SNN's equilibrium rates of every layer, or "
+                   "along the surrogate's own forward pass (the reference; learns poorly at small T)")
     p.add_argument("--no-internal-kd", action="store_true", help="skip the internal-layer KD stage")
     p.add_argument("--internal-steps", type=int, default=None,
                    help="internal-layer KD steps (default: --steps)")
@@ -258,6 +263,7 @@ def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str,
         "teacher": {"source": teacher_source, "layers": teacher.config.num_layers,
                     "dev": _task_metrics(teacher_dev, args.task)},
         "student": {"config": dataclasses.asdict(student.config), "init": args.init,
+                    "gradient_at": args.gradient_at,
                     "internal_kd": not args.no_internal_kd, "layer_map": vars(layer_map),
                     "dev": _task_metrics(dev, args.task), "model_size": model_size(student, bits),
                     "energy": energy_report(student.config, dev["spike_rates"], dev["tokens_per_example"],
@@ -293,6 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_student_teacher_io(student.config, teacher, data.train.num_labels)
     layer_map = LayerMap.uniform(student.config.num_blocks, teacher.config.num_layers)
     batch_at = data.train.training_batches(args.batch_size, args.seed)
+    forward = functools.partial(implicit_forward, gradient_at=args.gradient_at)
     objectives = [("prediction", KDObjective.preset(args.prediction, temperature=args.temperature),
                    _stage_config(args, args.steps, args.lr, "cosine"))]
     if not args.no_internal_kd:
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             targets = teacher_targets(teacher, layer_map, internal=objective.internal,
                                       predictions=objective.soft_ce > 0)
             stage_batches = _with_targets(batch_at, targets)
-        student = stages.run(name, student, kd_loss(objective, bits), stage_batches, config, args.batch_size)
+        student = stages.run(name, student, kd_loss(objective, bits, forward), stage_batches, config, args.batch_size)
 
     if stages.interrupted:
         print(f"stopped after {args.stop_after} steps (--stop-after): rerun the same command with --resume")

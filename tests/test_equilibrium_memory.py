@@ -3,6 +3,7 @@ grows; the BPTT simulation is the IF network of SpikingBERT with surrogate gradi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -14,7 +15,6 @@ from flax import nnx
 from converters.spikingbert import load_spikingbert
 from experiments.extreme_kd_memory import main
 from qslm_jax.equilibrium.memory import StepMemory, bptt_forward, compiled_memory, format_memory_table
-from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, is_encoder_kernel
 
 
@@ -80,5 +80,9 @@ def test_bptt_gradients_flow_through_time():
                if is_encoder_kernel(p)}
     assert len(kernels) == 6 and all(np.all(np.isfinite(g)) for g in kernels.values())
     assert sum(np.any(g != 0) for g in kernels.values()) >= 5  # the surrogate reaches (almost) every layer
-    with pytest.raises(ConfigError, match="feedback"):
-        bptt_forward(SpikingBERT(SpikingBERTConfig.preset("tiny", feedback=True), rngs=nnx.Rngs(0)), batch)
+    # with feedback the previous step's last-layer spikes enter the embedding neuron: BPTT reaches W_fb too
+    fb_graphdef, fb_params = nnx.split(SpikingBERT(dataclasses.replace(config, feedback=True), rngs=nnx.Rngs(0)),
+                                       nnx.Param)
+    fb_grads = jax.grad(lambda p: jnp.sum(bptt_forward(nnx.merge(fb_graphdef, p), batch).logits ** 2))(fb_params)
+    feedback_grad = np.asarray(fb_grads["feedback"]["kernel"].get_value())
+    assert np.all(np.isfinite(feedback_grad)) and np.any(feedback_grad != 0)

@@ -147,19 +147,54 @@ def small_model(**overrides) -> SpikingBERT:
     return SpikingBERT(SpikingBERTConfig.preset("tiny", **overrides), rngs=nnx.Rngs(1))
 
 
-def _train_step_temp_bytes(T: int) -> int:
+def _train_step_temp_bytes(T: int, gradient_at: str) -> int:
     model = small_model(num_blocks=1, T=T)
     graphdef, state = nnx.split(model)
     ids = jnp.ones((2, 8), jnp.int32)
 
     def loss(s):
-        return fixture_loss(nnx.merge(graphdef, s).train_forward(ids))
+        return fixture_loss(nnx.merge(graphdef, s).train_forward(ids, gradient_at=gradient_at))
 
     return jax.jit(jax.grad(loss)).lower(state).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_training_memory_does_not_grow_with_T():
-    assert _train_step_temp_bytes(32) <= _train_step_temp_bytes(2)
+@pytest.mark.parametrize("gradient_at", ["surrogate", "equilibrium"])
+def test_training_memory_does_not_grow_with_T(gradient_at):
+    assert _train_step_temp_bytes(32, gradient_at) <= _train_step_temp_bytes(2, gradient_at)
+
+
+class _SurrogateRatesSNN(SpikingBERT):
+    """A SpikingBERT whose 'simulation' returns the surrogate's own rates (an SNN at the surrogate's point)."""
+
+    def simulate_rates(self, input_ids, segment_ids=None, attention_mask=None, *, surrogate_spikes=False):
+        rates, scores = self.steady_state(input_ids, segment_ids, attention_mask)
+        return rates, scores
+
+
+def test_equilibrium_gradient_point_keeps_the_snn_value_and_moves_the_linearisation(ref):
+    """gradient_at="equilibrium": taps keep the SNN's value; the gradient is the surrogate's, linearised at
+    the SNN's rates. Where the SNN's rates equal the surrogate's the two gradient points must agree exactly;
+    on the reference model (T = 16) they do not, since its rates differ from the surrogate's."""
+    model, _, inputs = ref
+    with jax.default_matmul_precision("highest"):
+        at_eq = model.train_forward(*inputs, gradient_at="equilibrium")
+        simulated = model.simulate(*inputs)
+        for got, want in zip(at_eq.taps, simulated.taps, strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(at_eq.logits, simulated.logits)
+        surrogate_grads = to_state_dict(model, loss_and_grads(model, inputs)[1])
+        eq_grads = to_state_dict(model, loss_and_grads(model, inputs, gradient_at="equilibrium")[1])
+        twin = _SurrogateRatesSNN(model.config, rngs=nnx.Rngs(0))
+        nnx.update(twin, nnx.state(model))
+        twin_surrogate = to_state_dict(twin, loss_and_grads(twin, inputs)[1])
+        twin_eq = to_state_dict(twin, loss_and_grads(twin, inputs, gradient_at="equilibrium")[1])
+    for key, expected in twin_surrogate.items():
+        np.testing.assert_allclose(twin_eq[key], expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(),
+                                   err_msg=key)
+    differing = [k for k in surrogate_grads if not np.allclose(eq_grads[k], surrogate_grads[k], rtol=1e-2)]
+    assert "network_s1.dense.weight" in differing and len(differing) > len(surrogate_grads) // 2
+    with pytest.raises(ConfigError, match="gradient_at"):
+        model.train_forward(*inputs, gradient_at="midway")
 
 
 def _ste_sign(w):
@@ -199,7 +234,8 @@ def test_model_runs_from_transformed_state_under_jit_and_grad():
     assert not np.allclose(quantized.simulate(ids).logits, latent_logits)
 
 
-def test_feedback_with_zero_weights_equals_the_feed_forward_network():
+@pytest.mark.parametrize("gradient_at", ["surrogate", "equilibrium"])
+def test_feedback_with_zero_weights_equals_the_feed_forward_network(gradient_at):
     model = small_model(num_blocks=1, T=8)
     inputs = (jax.random.randint(jax.random.key(3), (2, 6), 1, 100),)
     with_fb = SpikingBERT(dataclasses.replace(model.config, feedback=True), rngs=nnx.Rngs(0))
@@ -225,7 +261,7 @@ def test_feedback_with_zero_weights_equals_the_feed_forward_network():
         return z0 + (z - jax.lax.stop_gradient(z))
 
     def grads_of(m, **kwargs):
-        return to_state_dict(m, loss_and_grads(m, inputs, **kwargs)[1])
+        return to_state_dict(m, loss_and_grads(m, inputs, gradient_at=gradient_at, **kwargs)[1])
 
     with jax.default_matmul_precision("highest"):
         expected = grads_of(model)

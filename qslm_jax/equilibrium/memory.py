@@ -26,7 +26,6 @@ from flax import nnx
 from qslm_jax.equilibrium.train import Batch, KDObjective, StudentForward, implicit_forward, kd_loss
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, TrainOutput
-from qslm_jax.neurons import spike
 from qslm_jax.quant.quantizers import Level
 from qslm_jax.training import TrainConfig
 
@@ -36,39 +35,16 @@ MIB = 2**20
 def bptt_forward(student: SpikingBERT, batch: Batch) -> TrainOutput:
     """Training forward by back-propagation through time over the IF simulation (surrogate gradients).
 
-    Per step and layer: ``u += I_l[t]; s = spike(u - vth); u -= vth * s``, with ``spike`` the Heaviside step
-    whose derivative is the ATan surrogate ``1 / (1 + (pi x)^2)`` (reset not detached). Taps are the ASRs
-    ``(1/T) sum_t s_l[t]``, differentiated through all T steps; the attention scores for KD are the
-    pre-softmax scores averaged over T. Feed-forward SpikingBERT only (``config.feedback`` False).
+    :meth:`SpikingBERT.simulate_rates` with ``surrogate_spikes=True``: per step and layer ``u += I_l[t];
+    s = spike(u - vth); u -= vth * s`` with the ATan surrogate derivative ``1 / (1 + (pi x)^2)``; taps are the
+    ASRs ``(1/T) sum_t s_l[t]`` differentiated through all T steps, and the attention scores for KD are the
+    pre-softmax scores averaged over T.
     """
-    c = student.config
-    if c.feedback:
-        raise ConfigError("bptt_forward simulates the feed-forward SpikingBERT: use config.feedback=False")
-    # The private hooks give the BERT embedding current / mask bias, the shared block wiring and the heads.
-    emb, bias = student._inputs(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-    zeros = tuple(jnp.zeros((*emb.shape[:-1], w), emb.dtype) for w in c.layer_widths)
-
-    def step(carry, _):
-        membranes, counts, score_sums = carry
-        new_membranes = list(membranes)
-
-        def fire(layer: int, current: jax.Array) -> jax.Array:
-            u = membranes[layer] + current
-            s = spike(u - c.vth)
-            new_membranes[layer] = u - c.vth * s
-            return s
-
-        spikes, scores = student._encoder(fire(0, emb), bias, fire)
-        counts = tuple(n + s for n, s in zip(counts, spikes, strict=True))
-        score_sums = tuple(a + s for a, s in zip(score_sums, scores, strict=True))
-        return (tuple(new_membranes), counts, score_sums), None
-
-    score_zeros = tuple(jnp.zeros(emb.shape[:1] + (c.heads,) + emb.shape[1:2] * 2, emb.dtype)
-                        for _ in range(c.num_blocks))
-    (_, counts, score_sums), _ = jax.lax.scan(step, (zeros, zeros, score_zeros), None, length=c.T)
-    taps = tuple(counts[l] / c.T for l in c.tap_layers)
-    reps, logits = student._head(taps)
-    return TrainOutput(logits, taps, reps, tuple(s / c.T for s in score_sums))
+    asrs, score_sums = student.simulate_rates(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
+                                              surrogate_spikes=True)
+    taps = tuple(asrs[l] for l in student.config.tap_layers)
+    reps, logits = student.heads(taps)
+    return TrainOutput(logits, taps, reps, tuple(s / student.config.T for s in score_sums))
 
 
 METHODS: dict[str, StudentForward] = {"implicit": implicit_forward, "bptt": bptt_forward}

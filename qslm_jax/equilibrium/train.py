@@ -135,11 +135,16 @@ class KDObjective:
         return self.internal or self.soft_ce > 0
 
 
-def implicit_forward(student: SpikingBERT, batch: Batch) -> TrainOutput:
+def implicit_forward(student: SpikingBERT, batch: Batch, gradient_at: str = "equilibrium") -> TrainOutput:
     """Equilibrium training forward: the IF simulation gives the value, the steady-state surrogate the
-    gradient (implicit differentiation; the feedback variant solves the adjoint with :func:`fixed_point`)."""
+    gradient (implicit differentiation; the feedback variant solves the adjoint with :func:`fixed_point`).
+
+    ``gradient_at="equilibrium"`` (default) linearises the surrogate at the SNN's rates of every layer;
+    ``"surrogate"`` along the surrogate's own forward pass, as the reference implementation does (see
+    :meth:`SpikingBERT.train_forward`).
+    """
     return student.train_forward(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
-                                 fixed_point=fixed_point)
+                                 fixed_point=fixed_point, gradient_at=gradient_at)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:

@@ -10,7 +10,9 @@ Three views of the same network share one layer program (:meth:`SpikingBERT._enc
 * :meth:`SpikingBERT.steady_state`: the clipped surrogate ``f`` (rates instead of spikes, each layer clipped
   to [0, 1] after dividing by ``vth``) used for gradients;
 * :meth:`SpikingBERT.train_forward`: taps with the SNN's forward value and the surrogate's gradient
-  (straight-through, exact without feedback; with feedback an implicit ``fixed_point`` solver is plugged in).
+  (straight-through, exact without feedback; with feedback an implicit ``fixed_point`` solver is plugged in),
+  the surrogate linearised either along its own forward pass (the reference) or at the SNN's equilibrium
+  rates of every layer (``gradient_at="equilibrium"``).
 
 No weight is cached: every forward reads the Linear kernels from the module, so a model rebuilt with
 ``nnx.merge(graphdef, transformed_state)`` (e.g. quantized encoder kernels, see :func:`is_encoder_kernel`)
@@ -29,12 +31,13 @@ from flax import nnx
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.bert import Embeddings, EncoderBlock, mask_bias
-from qslm_jax.neurons import if_step
+from qslm_jax.neurons import if_step, spike
 
 NEURONS_PER_BLOCK = 6
 SPIKING_MASK_VALUE = -10000.0  # the reference's (1 - m) * -10000 attention bias
 LAYER_NORM_EPS = 1e-12
 ENCODER_LINEARS = ("query", "key", "value", "attention_output", "intermediate", "output")
+GRADIENT_POINTS = ("surrogate", "equilibrium")
 
 # fire(layer_index, input_current) -> the layer's activity (spikes in the SNN, clipped rates in f).
 FireFn = Callable[[int, jax.Array], jax.Array]
@@ -200,17 +203,23 @@ class SpikingBERT(nnx.Module):
             attention_mask = jnp.ones_like(input_ids)
         return self.embeddings(input_ids, segment_ids), mask_bias(attention_mask, SPIKING_MASK_VALUE)
 
-    def _head(self, taps: Sequence[jax.Array]):
-        """``reps = fit_dense(tap_m)`` and ``logits = classifier(relu(tap_last[:, 0]))`` (relu'(0) = 0)."""
+    def heads(self, taps: Sequence[jax.Array]) -> tuple[tuple[jax.Array, ...], jax.Array]:
+        """KD and class heads on the tap ASRs: ``reps = fit_dense(tap_m)`` and
+        ``logits = classifier(relu(tap_last[:, 0]))`` (CLS position; relu'(0) = 0, as the reference)."""
         reps = tuple(self.fit_dense(t) for t in taps)
         return reps, self.classifier(jax.nn.relu(taps[-1][:, 0]))
 
-    def _simulate_rates(self, input_ids, segment_ids, attention_mask):
-        """IF simulation over T steps as one ``lax.scan``; returns (ASRs, attention scores summed over T).
+    def simulate_rates(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
+                       attention_mask: jax.Array | None = None, *, surrogate_spikes: bool = False):
+        """IF simulation over T steps as one ``lax.scan``; returns (all layers' ASRs, attention scores summed
+        over T).
 
         Per step, layer by layer: ``u += I_l[t]; s = 1[u >= vth]; u -= vth * s``. The embedding neuron gets
         the constant ``I_0`` (plus ``W_fb s_last[t-1]`` with feedback). Only running sums are carried, so
-        memory does not grow with T.
+        the forward's memory does not grow with T. With ``surrogate_spikes`` the spike is
+        :func:`qslm_jax.neurons.spike` (same values, ATan surrogate derivative, reset not detached), so
+        differentiating the result is back-propagation through time over all T steps (the baseline that
+        equilibrium training avoids).
         """
         c = self.config
         emb, bias = self._inputs(input_ids, segment_ids, attention_mask)
@@ -223,7 +232,12 @@ class SpikingBERT(nnx.Module):
             new_membranes = [None] * len(membranes)
 
             def fire(layer: int, current: jax.Array) -> jax.Array:
-                new_membranes[layer], s = if_step(membranes[layer], current, c.vth)
+                if surrogate_spikes:
+                    u = membranes[layer] + current
+                    s = spike(u - c.vth)
+                    new_membranes[layer] = u - c.vth * s
+                else:
+                    new_membranes[layer], s = if_step(membranes[layer], current, c.vth)
                 return s
 
             current0 = emb + self.feedback(last_spikes) if c.feedback else emb
@@ -243,9 +257,9 @@ class SpikingBERT(nnx.Module):
         ``input_ids``, ``segment_ids``, ``attention_mask``: (B, L) integer arrays (segments default to 0,
         the mask to all ones).
         """
-        asrs, scores = self._simulate_rates(input_ids, segment_ids, attention_mask)
+        asrs, scores = self.simulate_rates(input_ids, segment_ids, attention_mask)
         taps = tuple(asrs[l] for l in self.config.tap_layers)
-        reps, logits = self._head(taps)
+        reps, logits = self.heads(taps)
         return SpikingBERTOutput(logits, asrs, taps, reps, scores)
 
     __call__ = simulate
@@ -257,11 +271,18 @@ class SpikingBERT(nnx.Module):
         ``a_l = clip(module_l(rates of its inputs) / vth)`` with ``clip`` to [0, 1] (spikingbert.md,
         "Steady-state function"). ``feedback_rate`` ``z`` (the last layer's rate) enters only when given.
         """
+        return self._surrogate(input_ids, segment_ids, attention_mask, feedback_rate)
+
+    def _surrogate(self, input_ids, segment_ids, attention_mask, feedback_rate, pinned=None) -> SteadyState:
+        """:meth:`steady_state`; with ``pinned`` rates (one per layer) every layer's value is
+        ``pinned_l + f_l - stop_gradient(f_l)``: the value of ``pinned``, the derivative of the clipped rate
+        at the current ``pinned`` inputs produce (the surrogate linearised at those rates)."""
         emb, bias = self._inputs(input_ids, segment_ids, attention_mask)
         vth = self.config.vth
 
-        def fire(_layer: int, current: jax.Array) -> jax.Array:
-            return clip_rate(current / vth)
+        def fire(layer: int, current: jax.Array) -> jax.Array:
+            rate = clip_rate(current / vth)
+            return rate if pinned is None else pinned[layer] + (rate - jax.lax.stop_gradient(rate))
 
         current0 = emb if feedback_rate is None else self.feedback(feedback_rate) + emb
         rates, scores = self._encoder(fire(0, current0), bias, fire)
@@ -269,7 +290,7 @@ class SpikingBERT(nnx.Module):
 
     def train_forward(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
                       attention_mask: jax.Array | None = None, *,
-                      fixed_point: FixedPointFn | None = None) -> TrainOutput:
+                      fixed_point: FixedPointFn | None = None, gradient_at: str = "surrogate") -> TrainOutput:
         """Training forward (equilibrium training, extreme_kd.md): value from the SNN, gradient from ``f``.
 
         The IF simulation runs on ``stop_gradient`` weights (no residuals, memory constant in T) giving
@@ -279,11 +300,24 @@ class SpikingBERT(nnx.Module):
         ``config.feedback`` the surrogate's feedback input ``z`` (the last layer's rate) is
         ``fixed_point(g, a*_last, params)`` where ``g(z, params)`` is the last layer of ``f``; the solver
         (``qslm_jax.equilibrium.implicit``) returns ``a*_last`` with the adjoint gradient.
+
+        ``gradient_at`` says where ``f`` is linearised:
+
+        * ``"surrogate"`` (the reference implementation): along ``f``'s own forward pass, every layer fed by
+          the surrogate rates of the layers before it;
+        * ``"equilibrium"``: at the SNN's equilibrium, every layer ``a*_l = f_l(a*_inputs)`` differentiated at
+          the ASRs its inputs really have (the implicit function theorem applied layer by layer; the
+          "differentiation on spike representation" of Meng et al., CVPR 2022). The two agree when the
+          surrogate's rates equal the SNN's (large T); at small T the surrogate's rates drift from the
+          SNN's with depth and its gradient stops describing the network being trained.
         """
+        if gradient_at not in GRADIENT_POINTS:
+            raise ConfigError(f"gradient_at must be one of {GRADIENT_POINTS}, found {gradient_at!r}")
         graphdef, state = nnx.split(self)
         frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-        asrs, _ = frozen._simulate_rates(input_ids, segment_ids, attention_mask)
+        asrs, _ = frozen.simulate_rates(input_ids, segment_ids, attention_mask)
         asrs = jax.lax.stop_gradient(asrs)
+        pinned = asrs if gradient_at == "equilibrium" else None
 
         z = None
         if self.config.feedback:
@@ -296,10 +330,10 @@ class SpikingBERT(nnx.Module):
 
             def g(z_in: jax.Array, p: Any) -> jax.Array:
                 model = nnx.merge(graphdef, p, rest)
-                return model.steady_state(input_ids, segment_ids, attention_mask, feedback_rate=z_in).rates[-1]
+                return model._surrogate(input_ids, segment_ids, attention_mask, z_in, pinned).rates[-1]
 
             z = fixed_point(g, asrs[-1], params)
-        f = self.steady_state(input_ids, segment_ids, attention_mask, feedback_rate=z)
+        f = self._surrogate(input_ids, segment_ids, attention_mask, z, pinned)
         taps = tuple(asrs[l] + (f.rates[l] - jax.lax.stop_gradient(f.rates[l])) for l in self.config.tap_layers)
-        reps, logits = self._head(taps)
+        reps, logits = self.heads(taps)
         return TrainOutput(logits, taps, reps, f.attention_scores)
