@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from converters.checkpoint_io import check_keys_and_shapes, read_state_dict
-from qslm_jax.errors import ConversionError
+from qslm_jax.errors import ConfigError, ConversionError
 from qslm_jax.models.bert import BERT, BertConfig
 
 logger = logging.getLogger(__name__)
@@ -183,3 +183,33 @@ def load_bert(dir_or_file: str | os.PathLike, *, seed: int = 0) -> BERT:
     check_keys_and_shapes(state_dict, expected_shapes(params, keys), what=f"BERT checkpoint {weights}")
     load_params(model, state_dict, keys)
     return model
+
+
+def save_bert(model: BERT, directory: str | os.PathLike) -> Path:
+    """Write ``model`` as an HF ``save_pretrained`` directory (``config.json`` + ``model.safetensors``):
+    the inverse of :func:`load_bert`, also readable by ``transformers.BertModel`` /
+    ``BertForSequenceClassification`` (``num_labels`` > 0). Returns the directory.
+
+    A TinyBERT-style head (``classifier_relu``) has no HF equivalent and raises ConfigError.
+    """
+    from safetensors.numpy import save_file
+
+    c = model.config
+    if c.classifier_relu:
+        raise ConfigError("HF BERT classifiers see the pooled output without a relu: a classifier_relu model "
+                          "cannot be saved in the HF layout")
+    hf_config = {"model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+                 "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+                 "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_positions,
+                 "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.layer_norm_eps,
+                 "pad_token_id": c.pad_token_id, "hidden_act": "gelu"}
+    if c.num_labels:
+        hf_config |= {"architectures": ["BertForSequenceClassification"], "num_labels": c.num_labels}
+    else:
+        hf_config["architectures"] = ["BertModel"]
+    params = nnx.state(model, nnx.Param)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_file(export_params(params, tensor_keys(params, bert_module_table(c))), directory / "model.safetensors")
+    return directory

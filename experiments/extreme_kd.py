@@ -33,9 +33,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from flax import nnx
-from safetensors.numpy import save_file
 
-from converters.bert import bert_module_table, export_params, load_bert, tensor_keys
+from converters.bert import load_bert, save_bert
 from converters.spikingbert import spikingbert_from_bert
 from qslm_jax.data import bert_tokenizer
 from qslm_jax.equilibrium.kd import LayerMap
@@ -172,21 +171,6 @@ class _Stages:
         return result.model
 
 
-def save_teacher(teacher: BERT, directory: Path) -> None:
-    """Save ``teacher`` as HF files (``config.json``, ``model.safetensors``) that ``--teacher`` reads."""
-    c = teacher.config
-    hf_config = {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
-                 "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
-                 "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
-                 "max_position_embeddings": c.max_positions, "type_vocab_size": c.type_vocab_size,
-                 "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id, "hidden_act": "gelu"}
-    params = nnx.state(teacher, nnx.Param)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "config.json", hf_config)
-    tensors = export_params(params, tensor_keys(params, bert_module_table(c)))
-    save_file(tensors, directory / "model.safetensors")
-
-
 def _teacher(args, data: TaskData, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
     if args.teacher is not None:
         return load_bert(args.teacher), f"loaded from {args.teacher}"
@@ -199,7 +183,7 @@ def _teacher(args, data: TaskData, vocab: int, stages: _Stages, out: Path) -> tu
                          data.train.training_batches(args.batch_size, args.seed),
                          _stage_config(args, args.teacher_steps, args.teacher_lr, "cosine"), args.batch_size)
     if not stages.interrupted:
-        save_teacher(teacher, out / "teacher")
+        save_bert(teacher, out / "teacher")
     return teacher, (f"trained here from random initialisation ({args.teacher_steps} steps, cross-entropy); "
                      f"saved to {out / 'teacher'} for --teacher")
 

@@ -3,6 +3,7 @@ strictness, config validation, the bert-base parameter count."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from converters.bert import load_bert
+from converters.bert import load_bert, save_bert
 from converters.spikingbert import spikingbert_from_bert
 from qslm_jax.errors import ConfigError, ConversionError
 from qslm_jax.models.bert import BERT, HF_MASK_VALUE, BertConfig
@@ -107,6 +108,19 @@ def test_sequence_classification_parity_with_hf(hf_model, tmp_path, weights):
         np.testing.assert_allclose(jax.nn.softmax(got, axis=-1), want_probs.numpy(), rtol=0, atol=1e-5)
     # the weights are not trivial: attention is far from uniform
     assert float(out.attentions[0].max()) > 0.5
+
+
+def test_save_bert_round_trips_and_transformers_reads_it(hf_model, tmp_path):
+    """save_bert writes what load_bert and transformers read back to the same logits."""
+    model = load_bert(save_hf(hf_model, tmp_path / "hf"))
+    saved = save_bert(model, tmp_path / "ours")
+    again = load_bert(saved)
+    np.testing.assert_array_equal(run_flax(again).logits, run_flax(model).logits)
+    reread = transformers.BertForSequenceClassification.from_pretrained(saved).eval()
+    np.testing.assert_allclose(hf_reference(reread)[0].logits.numpy(), run_flax(model).logits, rtol=0, atol=1e-5)
+    tiny_bert = BERT(dataclasses.replace(model.config, classifier_relu=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="relu"):
+        save_bert(tiny_bert, tmp_path / "tiny")
 
 
 def test_bert_model_layout_without_prefix_or_classifier(hf_model, tmp_path):
