@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from experiments import tables
 from experiments.extreme_kd import main
 from qslm_jax.errors import ConfigError
 
@@ -45,6 +46,8 @@ def test_pipeline_writes_results_curves_and_teacher(smoke):
     energy = results["student"]["energy"]
     assert energy["student"]["macs_per_token"] == 0 and energy["dense_bert_fp32"]["acs_per_token"] == 0
     assert "GLUE train" in results["data"] and "64 train / 32 eval" in results["data"]
+    row = tables.main(["extreme-kd", str(out)]).splitlines()[2]
+    assert row.startswith("| mrpc | 1 | yes | ") and f"{dev['accuracy']:.2f}% (F1 {dev['f1']:.1f})" in row
 
 
 def test_existing_output_needs_resume_with_the_same_settings(smoke, data_dir):

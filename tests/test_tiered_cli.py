@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import tiered
+from experiments import tables, tiered
 
 COMMON = ["--model", "spikegpt-micro", "--init", "random", "--levels", "32,8,4,2", "--no-progress"]
 
@@ -36,6 +36,11 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
     assert report["power"]["measured"] is False and "not measured" in report["power"]["note"]
     assert report["energy_estimate"]["selection"]["joules_per_token"] < \
         report["energy_estimate"]["baseline"]["joules_per_token"]
+    # the README table row is built from this report
+    table = tables.main(["qslm", str(tmp_path)]).splitlines()
+    assert len(table) == 3 and table[2].count("|") == table[0].count("|")
+    assert f"{sel['memory_bytes'] / 1e6:.2f} MB" in table[2] and "(first 48 examples)" in table[2]
+    assert f"+ {report['evaluations']} (" in table[2]
 
 
 def test_rerun_resumes_from_the_journal(tmp_path, data_dir):
