@@ -54,7 +54,8 @@ def qslm_row(report: Mapping[str, Any]) -> str:
     else:
         selection = f"{_metric(sel['metric'], higher)}: {describe_plan(sel['plan'])}"
         memory = f"{sel['memory_mb']:.2f} MB (-{sel['memory_saving_percent']:.1f}%)"
-    return (f"| {config.get('model', {}).get('case', '-')} | {task} | {_metric(base['metric'], higher)} "
+    case = config.get("case") or config["model"].get("case") or "-"  # reports before QSLMSettings.case: in model
+    return (f"| {case} | {task} | {_metric(base['metric'], higher)} "
             f"({report['fp32_bytes'] / 1e6:.2f} MB) | {constraint} | {selection} | {memory} | "
             f"{sensitivity} + {report['evaluations']} ({report['journal_hits']} from the journal) | "
             f"{timings['sensitivity_seconds']:.0f} + {timings['total_seconds'] - timings['sensitivity_seconds']:.0f}"

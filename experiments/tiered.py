@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = QSLMSettings(const_a=const_a, const_m_mb=const_m, levels=args.levels, alpha=args.alpha,
                                 alphas=args.alphas, eval_limit=args.eval_limit,
                                 eval_batch_size=eval_batch_size(args, task),
-                                chunk_size=args.chunk_size, devices=args.devices)
+                                chunk_size=args.chunk_size, devices=args.devices, case=case)
         out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
-        description["case"] = case
         report, code = run_qslm(model, task, settings, out, model_description=description,
                                 data_dir=args.data_dir, journal_path=args.journal, progress=not args.no_progress)
     except QSLMError as err:

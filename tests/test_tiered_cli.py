@@ -67,6 +67,12 @@ def test_case_flag_scales_the_budget_to_the_model(tmp_path, data_dir):
     assert report["config"]["task"] == "wikitext2" and report["config"]["const_a"] == 4.0
     assert report["config"]["const_m_mb"] == pytest.approx(400 * report["fp32_bytes"] / 1e6 / 861.597696)
     assert code in (0, 2)
+    assert report["config"]["case"] == "b2"
+    # another case of the same model and task reuses the journal: its constraints are not in the fingerprint
+    journal = tmp_path / "journal.jsonl"
+    code_b3, report_b3 = _run(tmp_path / "b3", "--case", "b3", "--eval-limit", "200", "--journal", str(journal))
+    assert code_b3 in (0, 2) and report_b3["config"]["case"] == "b3"
+    assert report_b3["journal_hits"] >= 1
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

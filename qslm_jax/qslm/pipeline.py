@@ -82,6 +82,7 @@ class QSLMSettings:
     eval_batch_size: int = 32
     chunk_size: int | None = 8
     devices: int | None = None  # number of local devices to shard candidates over (default all)
+    case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
 
 
 def parameter_fingerprint(model: nnx.Module) -> str:
