@@ -57,13 +57,13 @@ def qslm_row(report: Mapping[str, Any]) -> str:
     case = config.get("case") or config["model"].get("case") or "-"  # reports before QSLMSettings.case: in model
     return (f"| {case} | {task} | {_metric(base['metric'], higher)} "
             f"({report['fp32_bytes'] / 1e6:.2f} MB) | {constraint} | {selection} | {memory} | "
-            f"{sensitivity} + {report['evaluations']} ({report['journal_hits']} from the journal) | "
+            f"{sensitivity} + {report['evaluations']} new ({report['journal_hits']} from the journal) | "
             f"{timings['sensitivity_seconds']:.0f} + {timings['total_seconds'] - timings['sensitivity_seconds']:.0f}"
             f" s | {report['compilations']} |")
 
 
 QSLM_HEADER = ("| case | task | fp32 baseline | constraint | selection: metric, plan | memory (saving) | "
-               "evaluations: sensitivity + search | wall time: sensitivity + search | compilations |\n"
+               "evaluations: sensitivity table + search | wall time: sensitivity + search | compilations |\n"
                "|---|---|---|---|---|---|---|---|---|")
 
 
