@@ -23,7 +23,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from flax import nnx
 
-from qslm_jax.data import gpt_neox_tokenizer, join_rows, load_wikitext_rows
 from qslm_jax.model_io import INFO_FILE, load_model, save_model
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
@@ -99,19 +98,13 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
     start = time.perf_counter()
     metrics["metric"] = evaluate(result.model, task, data.eval_batches)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
-    if not task.n_classes:
-        metrics["baselines"] = _ngram_baselines(data_dir)
+    if data.token_streams is not None:
+        streams = data.token_streams
+        metrics["baselines"] = baseline_perplexities(streams.train, streams.test, streams.vocab_size) | {
+            "note": "trained on WikiText-2 valid, scored on every test token but the first (full test split)"}
     save_model(result.model, out / "model", overwrite=True)
     write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _ngram_baselines(data_dir) -> dict:
-    tok = gpt_neox_tokenizer(data_dir=data_dir)
-    train = tok.encode(join_rows(load_wikitext_rows("validation", data_dir=data_dir)[0], "hf"))
-    test = tok.encode(join_rows(load_wikitext_rows("test", data_dir=data_dir)[0], "hf"))
-    return baseline_perplexities(train, test, tok.vocab_size) | {
-        "note": "trained on WikiText-2 valid, scored on every test token but the first (full test split)"}
 
 
 def _recipe_dict(recipe: Recipe) -> dict:

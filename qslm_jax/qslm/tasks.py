@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,14 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+class TokenStreams(NamedTuple):
+    """The whole tokenized training and test texts of a language-modelling task and the tokenizer's size."""
+
+    train: np.ndarray
+    test: np.ndarray
+    vocab_size: int
+
+
 @dataclass(frozen=True, eq=False)
 class TaskData:
     """Training batches (``batch_at(step)``), fixed-shape evaluation batches and the protocol sentence."""
@@ -67,6 +76,7 @@ class TaskData:
     eval_items: int  # examples (sst2) or scored tokens (wikitext2)
     protocol: str
     items_per_train_batch: int
+    token_streams: TokenStreams | None = None  # wikitext2 with training data (e.g. for n-gram baselines)
 
 
 def load_task_data(
@@ -99,13 +109,14 @@ def load_task_data(
     limited = "" if eval_limit is None else f", first {min(eval_limit, len(tokens))} tokens only (--eval-limit)"
     windows = strided_windows(tokens[:eval_limit], ctx_len, pad_id=tokenizer.pad_id, text_description=(
         f"WikiText-2 raw test ({source}), text = {JOINS['hf']}, {tokenizer.name} tokenizer{limited}"))
-    train_at = None
+    train_at = streams = None
     if with_train:
         train_rows, _ = load_wikitext_rows("validation", data_dir=data_dir)
-        train_at = lm_training_batches(tokenizer.encode(join_rows(train_rows, "hf")), ctx_len,
-                                       train_batch_size, seed)
+        train_tokens = tokenizer.encode(join_rows(train_rows, "hf"))
+        train_at = lm_training_batches(train_tokens, ctx_len, train_batch_size, seed)
+        streams = TokenStreams(train_tokens, tokens, tokenizer.vocab_size)
     return TaskData(train_at, list(windows.batches(eval_batch_size)), windows.scored_tokens, windows.protocol,
-                    train_batch_size * ctx_len)
+                    train_batch_size * ctx_len, streams)
 
 
 def _first_examples(dataset: ClassificationDataset, limit: int) -> ClassificationDataset:
