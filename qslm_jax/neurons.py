@@ -71,13 +71,15 @@ def lif_multistep(
     return jnp.moveaxis(spikes, 0, time_axis)
 
 
-def if_step(u: jax.Array, current: jax.Array, v_threshold: float | jax.Array = 1.0):
+def if_step(u: jax.Array, current: jax.Array, v_threshold: float | jax.Array = 1.0, *, surrogate: bool = False):
     """One integrate-and-fire step with reset by subtraction (leak 1.0).
 
         u <- u + I;   s = 1[u >= v_threshold];   u <- u - v_threshold * s
 
-    Returns ``(u_next, s)``. No surrogate: SpikingBERT simulates its IF network without gradients.
+    Returns ``(u_next, s)``. By default there is no gradient through the spike (SpikingBERT simulates its IF
+    network without gradients); ``surrogate=True`` fires with :func:`spike` instead (same values, ATan
+    surrogate derivative, reset not detached), for back-propagation through time.
     """
     u = u + current
-    s = (u >= v_threshold).astype(u.dtype)
+    s = spike(u - v_threshold) if surrogate else (u >= v_threshold).astype(u.dtype)
     return u - v_threshold * s, s

@@ -31,7 +31,7 @@ from flax import nnx
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.bert import Embeddings, EncoderBlock, mask_bias
-from qslm_jax.neurons import if_step, spike
+from qslm_jax.neurons import if_step
 
 NEURONS_PER_BLOCK = 6
 SPIKING_MASK_VALUE = -10000.0  # the reference's (1 - m) * -10000 attention bias
@@ -216,8 +216,8 @@ class SpikingBERT(nnx.Module):
 
         Per step, layer by layer: ``u += I_l[t]; s = 1[u >= vth]; u -= vth * s``. The embedding neuron gets
         the constant ``I_0`` (plus ``W_fb s_last[t-1]`` with feedback). Only running sums are carried, so
-        the forward's memory does not grow with T. With ``surrogate_spikes`` the spike is
-        :func:`qslm_jax.neurons.spike` (same values, ATan surrogate derivative, reset not detached), so
+        the forward's memory does not grow with T. With ``surrogate_spikes`` the spike has the ATan surrogate
+        derivative (:func:`qslm_jax.neurons.if_step` with ``surrogate=True``; same values), so
         differentiating the result is back-propagation through time over all T steps (the baseline that
         equilibrium training avoids).
         """
@@ -232,12 +232,7 @@ class SpikingBERT(nnx.Module):
             new_membranes = [None] * len(membranes)
 
             def fire(layer: int, current: jax.Array) -> jax.Array:
-                if surrogate_spikes:
-                    u = membranes[layer] + current
-                    s = spike(u - c.vth)
-                    new_membranes[layer] = u - c.vth * s
-                else:
-                    new_membranes[layer], s = if_step(membranes[layer], current, c.vth)
+                new_membranes[layer], s = if_step(membranes[layer], current, c.vth, surrogate=surrogate_spikes)
                 return s
 
             current0 = emb + self.feedback(last_spikes) if c.feedback else emb
