@@ -78,6 +78,16 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
     assert s.first == ("good .", "bad .") and s.labels.tolist() == [1, 0]
 
 
+def test_every_spelling_of_a_data_dir_names_one_source(tmp_path, monkeypatch):
+    """Relative, absolute and symlinked spellings give the same source string (journals fingerprint it)."""
+    (tmp_path / "data/glue/sst2").mkdir(parents=True)
+    (tmp_path / "data/glue/sst2/dev.tsv").write_text("sentence\tlabel\ngood .\t1\n")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path / "link/glue")
+    spellings = [tmp_path / "data", "../../data", tmp_path / "link", ".."]
+    sources = {load_glue("sst2", "validation", data_dir=d).source for d in spellings}
+    assert sources == {f"local:{(tmp_path / 'data/glue/sst2/dev.tsv').resolve()}"}
+
 def test_missing_data_fails_fast_naming_both_ways(tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

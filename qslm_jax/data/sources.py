@@ -22,11 +22,10 @@ T = TypeVar("T")
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     """The local data directory to use: ``data_dir`` if given, else ``$QSLM_DATA_DIR``, else None (use the
-    hub)."""
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else None
+    hub), as an absolute path with symlinks resolved, so every spelling of one directory names the same source
+    (search journals fingerprint the source, see ``qslm.journal``)."""
+    chosen = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    return Path(chosen).resolve() if chosen else None
 
 
 def hub_offline() -> bool:

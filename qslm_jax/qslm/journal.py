@@ -4,11 +4,12 @@ re-evaluating (qslm.md section 3, last paragraph).
 Line 1 is a header ``{"journal": "qslm-search", "version", "fingerprint", "meta", "created"}``; every further
 line is one evaluation ``{"key", "plan", "metric", "memory_bytes", "time"}`` (``key`` = ``QuantPlan.key()``),
 written and flushed (fsync) as soon as the evaluator returns. ``meta`` describes everything the metric depends
-on (model / checkpoint, task and split, quantizer options, evaluation protocol); its SHA-256 is the
-fingerprint, and opening a journal whose fingerprint differs is refused. Search constraints (``const_a``,
-``const_m``, alpha) do not change a metric, so they need not be in ``meta``: one journal then serves reruns
-with other constraints. A corrupt last line (a write cut short by a crash) is dropped and the file repaired; a
-corrupt line anywhere else is an error.
+on (model / checkpoint, task and split, quantizer options, evaluation protocol with the data source by its
+resolved path, so any spelling of one data directory fits); its SHA-256 is the fingerprint, and opening a
+journal whose fingerprint differs is refused. Search constraints (``const_a``, ``const_m``, alpha) do not
+change a metric, so they need not be in ``meta``: one journal then serves reruns with other constraints. A
+corrupt last line (a write cut short by a crash) is dropped and the file repaired; a corrupt line anywhere else
+is an error.
 """
 
 from __future__ import annotations
