@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 from flax import nnx
@@ -268,7 +269,7 @@ def _base_report(model, task, settings, model_description, data, hierarchy, resu
                    "model": model_description, "model_config": dataclasses.asdict(model.config),
                    "protocol": data.protocol, "eval_items": data.eval_items},
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "flax": __import__("flax").__version__, "devices": [str(d) for d in evaluator.devices]},
+                     "flax": flax.__version__, "devices": [str(d) for d in evaluator.devices]},
         "baseline": {"metric": baseline.metric, "memory_bytes": baseline.memory_bytes},
         "fp32_bytes": hierarchy.fp32_bytes,
         "candidates": scored_candidates(result, settings.alpha),
