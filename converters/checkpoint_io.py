@@ -9,7 +9,7 @@ Sources a converter accepts:
   pass a local path instead);
 * an in-memory mapping ``name -> tensor`` (numpy arrays, torch tensors or jax arrays).
 
-Everything comes back as ``dict[str, np.ndarray]``.
+Everything comes back as ``dict[str, np.ndarray]``; a floating-point tensor holding NaN or Inf is refused.
 """
 
 from __future__ import annotations
@@ -112,7 +112,23 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
             )
         if not isinstance(raw, Mapping):
             raise ConversionError(f"{path} holds a {type(raw).__name__}, expected a state dict of tensors")
-    return {str(k): _to_numpy(str(k), v) for k, v in raw.items()}
+    arrays = {str(k): _to_numpy(str(k), v) for k, v in raw.items()}
+    check_finite(arrays, what="checkpoint" if isinstance(source, Mapping) else f"checkpoint {os.fspath(source)}")
+    return arrays
+
+
+def check_finite(arrays: Mapping[str, Any], *, what: str) -> None:
+    """Raise :class:`ConversionError` naming every floating-point array of ``arrays`` that holds NaN or Inf
+    (a diverged training run or a corrupt file must not load as a model)."""
+    bad = []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad.append(f"{name} ({int(np.count_nonzero(~np.isfinite(array)))} of {array.size} non-finite)")
+    if bad:
+        raise ConversionError(f"{what} holds non-finite weights: {', '.join(sorted(bad)[:10])}"
+                              f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}; the weights are "
+                              "corrupt or come from a diverged run")
 
 
 def check_keys_and_shapes(

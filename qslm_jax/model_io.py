@@ -2,19 +2,24 @@
 
 A saved model is a directory holding
 
-* ``model.json``: the format tag, the model class and its config class as ``module:QualName``, and the config
-  fields (a frozen dataclass of JSON values; tuples come back as tuples);
+* ``model.json``: the format tag, the registered family name of the model (:data:`MODEL_FAMILIES`) and the
+  config fields (a frozen dataclass of JSON values; tuples come back as tuples);
 * ``state/``: an orbax ``StandardCheckpointer`` checkpoint of the model's state as a pure dict.
 
-The contract a model must meet: a dataclass ``model.config`` and a constructor ``Model(config, *, rngs)``;
-its state must be arrays only (no ``nnx.Rngs`` kept as an attribute). :func:`load_model` rebuilds the model
-abstractly (no random init), checks every saved array's name and shape against it, then restores.
+The contract a model must meet: it is registered in :data:`MODEL_FAMILIES` (its class and config class), has a
+dataclass ``model.config`` and a constructor ``Model(config, *, rngs)``; its state must be arrays only (no
+``nnx.Rngs`` kept as an attribute). :func:`load_model` rebuilds the model abstractly (no random init), checks
+every saved array's name, shape and finiteness against it, then restores.
+
+Safety: nothing read from ``model.json`` is ever imported or called by name. The file names a family, looked up
+in the table; files written before the table existed (``model_class: "module:QualName"``) are accepted only when
+the name is exactly a registered class's, compared as a string, so a ``model.json`` naming ``subprocess:Popen``
+is refused before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import shutil
 from collections.abc import Mapping
@@ -24,30 +29,53 @@ from typing import Any
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from converters.checkpoint_io import check_keys_and_shapes
+from converters.checkpoint_io import check_finite, check_keys_and_shapes
 from qslm_jax.errors import ConfigError, ConversionError
+from qslm_jax.models.bert import BERT, BertConfig
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
 
 FORMAT = "qslm-jax-model/1"
 INFO_FILE = "model.json"
 STATE_DIR = "state"
 
 
+# the model classes a saved model may name: family -> (model class, config class)
+MODEL_FAMILIES: dict[str, tuple[type, type]] = {
+    "spikegpt": (SpikeGPT, SpikeGPTConfig),
+    "spikingbert": (SpikingBERT, SpikingBERTConfig),
+    "bert": (BERT, BertConfig),
+}
+
+
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve(name: str) -> type:
-    module_name, _, qualname = name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConversionError(
-            f"saved model refers to {name!r}, which cannot be imported ({err}): install the package that "
-            "defines it or load with the library version that saved it"
-        ) from err
-    return obj
+def family_of(model: nnx.Module) -> str:
+    """The registered family name of ``model``'s class; :class:`ConfigError` for an unregistered class."""
+    for name, (model_cls, _) in MODEL_FAMILIES.items():
+        if type(model) is model_cls:
+            return name
+    raise ConfigError(f"{type(model).__name__} is not a registered model family ({sorted(MODEL_FAMILIES)}): "
+                      "add it to qslm_jax.model_io.MODEL_FAMILIES to save it")
+
+
+def _registered_classes(info: Mapping[str, Any], where: Path) -> tuple[type, type]:
+    """The (model, config) classes ``info`` names, looked up in :data:`MODEL_FAMILIES` (never imported)."""
+    allowed = sorted(MODEL_FAMILIES)
+    if "family" in info:
+        family = info["family"]
+        if not isinstance(family, str) or family not in MODEL_FAMILIES:
+            raise ConversionError(f"{where} names the model family {family!r}, which is not registered: "
+                                  f"expected one of {allowed}")
+        return MODEL_FAMILIES[family]
+    legacy = (info.get("model_class"), info.get("config_class"))  # written before families were registered
+    for model_cls, config_cls in MODEL_FAMILIES.values():
+        if legacy == (_qualified_name(model_cls), _qualified_name(config_cls)):
+            return model_cls, config_cls
+    raise ConversionError(f"{where} names the classes {legacy}, which are not a registered model family: "
+                          f"only {allowed} can be loaded (nothing named in a model.json is ever imported)")
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -70,12 +98,11 @@ def save_model(model: nnx.Module, directory: str | Path, *, overwrite: bool = Fa
             f"save_model needs a dataclass `config` attribute on the model, {type(model).__name__} has "
             f"{type(config).__name__}: store the constructor's config as `self.config`"
         )
-    info = {
-        "format": FORMAT,
-        "model_class": _qualified_name(type(model)),
-        "config_class": _qualified_name(type(config)),
-        "config": dataclasses.asdict(config),
-    }
+    family = family_of(model)
+    if type(config) is not MODEL_FAMILIES[family][1]:
+        raise ConfigError(f"the config of a {family} model must be a {MODEL_FAMILIES[family][1].__name__}, "
+                          f"found {type(config).__name__}")
+    info = {"format": FORMAT, "family": family, "config": dataclasses.asdict(config)}
     try:
         text = json.dumps(info, indent=2)
     except TypeError as err:
@@ -115,20 +142,22 @@ def _read_info(directory: Path) -> dict:
 def load_model(directory: str | Path) -> nnx.Module:
     """Rebuild the model saved by :func:`save_model` in ``directory``.
 
-    Raises :class:`ConversionError` when the directory holds no complete save, the classes cannot be
-    imported, the config does not construct, or the saved arrays do not match the rebuilt model (every
-    missing/unexpected array and wrong shape is listed).
+    Raises :class:`ConversionError` when the directory holds no complete save, names no registered family,
+    the config does not construct, or the saved arrays do not match the rebuilt model (every missing/unexpected
+    array and wrong shape is listed) or hold NaN/Inf.
     """
     directory = Path(directory).resolve()
     info = _read_info(directory)
-    model_cls, config_cls = _resolve(info["model_class"]), _resolve(info["config_class"])
+    where = directory / INFO_FILE
+    model_cls, config_cls = _registered_classes(info, where)
+    if not isinstance(info.get("config"), dict):
+        raise ConversionError(f"{where}: expected a 'config' object of {config_cls.__name__} fields")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
     try:
         config = config_cls(**fields)
         abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
-    except (TypeError, ConfigError) as err:
-        where = directory / INFO_FILE
-        raise ConversionError(f"cannot rebuild {info['model_class']} from {where}: {err}") from err
+    except (TypeError, ValueError, ConfigError) as err:
+        raise ConversionError(f"cannot rebuild {model_cls.__name__} from {where}: {err}") from err
 
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)
@@ -147,5 +176,6 @@ def load_model(directory: str | Path) -> nnx.Module:
             restored = checkpointer.restore(state_dir, target)
         except (OSError, ValueError, RuntimeError) as err:
             raise ConversionError(f"{unreadable}: {err}") from err
+    check_finite(_flatten(restored), what=f"saved model {directory}")
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)

@@ -74,3 +74,13 @@ def test_check_keys_and_shapes_lists_every_problem():
     assert "unexpected keys ['extra']" in text
     assert "a: expected (3, 2), found (2, 3)" in text
     check_keys_and_shapes({"b": np.zeros(4)}, {"b": (4,)}, what="ok")  # no error when everything matches
+
+
+def test_non_finite_tensors_are_refused_by_name(tmp_path):
+    from safetensors.numpy import save_file
+
+    tensors = {"good": np.ones(3, np.float32), "bad": np.array([1.0, np.inf, np.nan], np.float32),
+               "ids": np.arange(3)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    with pytest.raises(ConversionError, match=r"non-finite weights: bad \(2 of 3 non-finite\)"):
+        read_state_dict(tmp_path / "m.safetensors")

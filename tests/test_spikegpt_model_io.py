@@ -84,3 +84,44 @@ def test_classifier_model_round_trips(tmp_path):
     model = SpikeGPT(SpikeGPTConfig.preset("spikegpt-tiny", n_classes=3), rngs=nnx.Rngs(4))
     restored = load_model(save_model(model, tmp_path / "cls"))
     np.testing.assert_array_equal(restored.classifier.kernel[...], model.classifier.kernel[...])
+
+
+def test_model_json_naming_an_arbitrary_callable_runs_nothing(saved, tmp_path):
+    """A model.json that names ``subprocess:Popen`` (or any importable callable) is refused before anything is
+    imported or called: only registered families are rebuilt."""
+    _, directory = saved
+    copy = tmp_path / "hostile"
+    shutil.copytree(directory, copy)
+    marker = tmp_path / "ran"
+    info = {"format": "qslm-jax-model/1", "model_class": "subprocess:Popen", "config_class": "builtins:dict",
+            "config": {"args": ["touch", str(marker)]}}
+    (copy / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ConversionError, match=r"not a registered model family.*spikegpt"):
+        load_model(copy)
+    (copy / "model.json").write_text(json.dumps({"format": "qslm-jax-model/1", "family": "subprocess:Popen",
+                                                 "config": {"args": ["touch", str(marker)]}}))
+    with pytest.raises(ConversionError, match="not registered"):
+        load_model(copy)
+    assert not marker.exists()
+
+
+def test_saves_written_with_class_names_still_load(saved, tmp_path):
+    """model.json files written before the family table (``model_class: module:QualName``) load when the
+    names are exactly a registered family's."""
+    model, directory = saved
+    copy = tmp_path / "legacy"
+    shutil.copytree(directory, copy)
+    info = json.loads((copy / "model.json").read_text())
+    assert info["family"] == "spikegpt"
+    legacy = {"format": info["format"], "model_class": "qslm_jax.models.spikegpt:SpikeGPT",
+              "config_class": "qslm_jax.models.spikegpt:SpikeGPTConfig", "config": info["config"]}
+    (copy / "model.json").write_text(json.dumps(legacy))
+    assert load_model(copy).config == model.config
+
+
+def test_non_finite_saved_weights_are_refused(tmp_path):
+    model = SpikeGPT(SpikeGPTConfig.preset("spikegpt-tiny"), rngs=nnx.Rngs(0))
+    model.blocks[0].att.key.kernel[...] = model.blocks[0].att.key.kernel[...].at[0, 0].set(np.nan)
+    directory = save_model(model, tmp_path / "nan")
+    with pytest.raises(ConversionError, match=r"non-finite weights: blocks\.0\.att\.key\.kernel \(1 of"):
+        load_model(directory)
