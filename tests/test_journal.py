@@ -126,3 +126,41 @@ def test_non_finite_metric_round_trips(tmp_path):
     Journal(path, META).record(QuantPlan(2), math.nan, 10)
     assert math.isnan(Journal(path, META).metric(QuantPlan(2).key()))
     assert Journal(path, META).metric(QuantPlan(4).key()) is None
+
+
+@pytest.mark.parametrize("content", [b"my notes\n", b"one line without newline", b"\x00\x01\xff binary",
+                                     b'{"a": 1}\n{"key": "x", "metric": 1}\n'])
+def test_a_file_that_is_not_a_journal_is_refused_and_left_untouched(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"not a QSLM search journal.*left untouched"):
+        Journal(path, META)
+    assert path.read_bytes() == content
+
+
+def test_an_empty_file_becomes_a_journal(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    Journal(path, META).record(QuantPlan(), 1.0, 10)
+    assert len(Journal(path, META)) == 1
+
+
+def _open_and_record(args):
+    path, worker = args
+    journal = Journal(path, META)
+    journal.record(QuantPlan().with_default(8), float(worker), 100)
+    return journal.fingerprint
+
+
+def test_processes_creating_one_journal_at_once_write_one_header(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.map(_open_and_record, [(tmp_path / "warm-up.jsonl", w) for w in range(4)])  # imports done
+        for trial in range(3):
+            path = tmp_path / f"shared-{trial}.jsonl"
+            pool.map(_open_and_record, [(path, w) for w in range(8)])
+            lines = [json.loads(line) for line in path.read_text().splitlines()]
+            assert sum("journal" in line for line in lines) == 1 and "journal" in lines[0]
+            assert len(lines) == 1 + 8
+            assert len(Journal(path, META)) == 1  # eight records of one plan

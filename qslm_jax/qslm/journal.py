@@ -10,14 +10,23 @@ journal whose fingerprint differs is refused. Search constraints (``const_a``, `
 change a metric, so they need not be in ``meta``: one journal then serves reruns with other constraints. A
 corrupt last line (a write cut short by a crash) is dropped and the file repaired; a corrupt line anywhere else
 is an error.
+
+Files that are not journals are refused and never modified (only a missing or empty path becomes a new
+journal). A new journal is created atomically (header written to a temporary file, then hard-linked into place,
+which fails if another process got there first), so two processes starting on one path never write two
+headers; reading, repairing and appending hold an exclusive ``flock`` on the file, so a second process waits
+for the first's write to finish rather than interleaving with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,52 +86,89 @@ class Journal:
         self._entries[entry["key"]] = entry
 
     def _append(self, obj: Mapping[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(obj, sort_keys=True) + "\n")
+        line = (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8")
+        with self._locked("ab") as handle:
+            handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
 
-    def _load(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-            self._append({"journal": JOURNAL_TAG, "version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
-                          "meta": self.meta, "created": _now()})
-            return
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        if lines[-1] == "":
-            lines.pop()
-        records = []
-        for number, line in enumerate(lines, start=1):
+    @contextlib.contextmanager
+    def _locked(self, mode: str):
+        """The journal file opened in ``mode`` under an exclusive ``flock`` (waits for another holder)."""
+        with self.path.open(mode) as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                if number < len(lines):
-                    raise ConfigError(
-                        f"journal {self.path} line {number} is not valid JSON ({err}); only the last line "
-                        f"may be cut short by a crash. Fix or delete that line, or delete the journal to "
-                        f"start over."
-                    ) from err
-                self.repaired = True
-        if not records:  # only a cut-short header: start afresh
-            self.path.write_text("")
-            self._load()
-            return
-        self._check_header(records[0])
-        for number, entry in enumerate(records[1:], start=2):
-            if not isinstance(entry, dict) or not {"key", "metric"} <= entry.keys():
-                raise ConfigError(f"journal {self.path} line {number}: expected an evaluation with 'key' and "
-                                  f"'metric', found {str(entry)[:200]}; fix or delete that line.")
-            self._entries[entry["key"]] = entry
-        good = "".join(line + "\n" for line in lines[:len(records)])
-        if good != text:  # drop a cut-short last line / restore a missing final newline before appending
-            self.path.write_text(good, encoding="utf-8")
+                yield handle
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _header_line(self) -> str:
+        return json.dumps({"journal": JOURNAL_TAG, "version": JOURNAL_VERSION, "fingerprint": self.fingerprint,
+                           "meta": self.meta, "created": _now()}, sort_keys=True) + "\n"
+
+    def _create(self) -> None:
+        """Write a new journal holding only the header, atomically; no-op if another process created it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(self._header_line())
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, self.path)
+        finally:
+            os.unlink(temporary)
+
+    def _load(self) -> None:
+        if self.path.exists() and not self.path.is_file():
+            raise ConfigError(f"journal path {self.path} exists and is not a file: pass a journal file path")
+        if not self.path.exists():
+            self._create()
+        with self._locked("r+b") as handle:
+            text = handle.read().decode("utf-8", errors="replace")
+            if not text:  # an empty file holds nothing to lose: make it a journal
+                handle.write(self._header_line().encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+                return
+            lines = text.split("\n")
+            if lines[-1] == "":
+                lines.pop()
+            try:
+                header = json.loads(lines[0])
+            except json.JSONDecodeError:
+                header = None
+            self._check_header(header)
+            records = [header]
+            for number, line in enumerate(lines[1:], start=2):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    if number < len(lines):
+                        raise ConfigError(
+                            f"journal {self.path} line {number} is not valid JSON ({err}); only the last line "
+                            f"may be cut short by a crash. Fix or delete that line, or delete the journal to "
+                            f"start over."
+                        ) from err
+                    self.repaired = True
+            for number, entry in enumerate(records[1:], start=2):
+                if not isinstance(entry, dict) or not {"key", "metric"} <= entry.keys():
+                    raise ConfigError(f"journal {self.path} line {number}: expected an evaluation with 'key' "
+                                      f"and 'metric', found {str(entry)[:200]}; fix or delete that line.")
+                self._entries[entry["key"]] = entry
+            good = "".join(line + "\n" for line in lines[:len(records)])
+            if good != text:  # drop a cut-short last line / restore a missing final newline before appending
+                handle.seek(0)
+                handle.write(good.encode("utf-8"))
+                handle.truncate()
+                handle.flush()
+                os.fsync(handle.fileno())
 
     def _check_header(self, header: Any) -> None:
         if not isinstance(header, dict) or header.get("journal") != JOURNAL_TAG:
             raise ConfigError(f"{self.path} is not a QSLM search journal (its first line is not a "
-                              f"'{JOURNAL_TAG}' header); pass another journal path.")
+                              f"'{JOURNAL_TAG}' header), so it is left untouched; pass another journal path.")
         if header.get("fingerprint") != self.fingerprint:
             found = header.get("meta", {})
             differs = sorted(k for k in set(found) | set(self.meta) if found.get(k) != self.meta.get(k))
