@@ -22,3 +22,7 @@ class DataError(QSLMError):
 
 class ConstraintError(QSLMError):
     """A search constraint cannot be met (for example: no candidate is feasible)."""
+
+
+class TrainingError(QSLMError):
+    """Training cannot go on: a non-finite loss or update (divergence), or no readable checkpoint to resume."""
