@@ -1,18 +1,119 @@
-"""Command-line flags shared by the QSLM entry points (``tiered``, ``sensitivity``)."""
+"""Command-line flags shared by the QSLM entry points (``tiered``, ``sensitivity``), their up-front checks
+and exit statuses.
+
+Exit statuses of every entry point: 0 success; 1 bad input (a :class:`~qslm_jax.errors.QSLMError`: a flag value
+out of range, missing data or weights, a corrupt file), printed as ``error: ...`` without a traceback; 2 a
+usage error (argparse: unknown flag, malformed value); 3 no feasible candidate (``tiered``: the closest ones are
+listed); 130 interrupted (Ctrl-C; rerunning the same command resumes).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from qslm_jax.errors import ConfigError, QSLMError
 from qslm_jax.models.spikegpt import PRESETS
 from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
-from qslm_jax.qslm.pipeline import DEFAULT_LEVELS
+from qslm_jax.qslm.pipeline import DEFAULT_LEVELS, SELECTION_SPLITS, QSLMSettings
+from qslm_jax.quant.quantizers import check_level
+
+EXIT_BAD_INPUT = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def parse_levels(text: str) -> tuple[float, ...]:
-    """``"32,8,1.58"`` -> ``(32, 8, 1.58)`` (integers stay integers)."""
-    return tuple(float(x) if "." in x else int(x) for x in text.split(","))
+    """``"32,8,1.58"`` -> ``(32, 8, 1.58)`` (integers stay integers); a malformed list is a usage error."""
+    try:
+        return tuple(float(x) if "." in x else int(x) for x in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 32,16,8, found {text!r}") \
+            from err
+
+
+def finite_float(text: str) -> float:
+    """A float flag that must be finite (``nan``/``inf`` are usage errors)."""
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from err
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
+    return value
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines written through ``tqdm.write``, so they do not break an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def configure_logging() -> None:
+    """The library's INFO messages (phases, resuming, cache hits) on stderr, above any progress bar; third-party
+    loggers (orbax/absl) only from WARNING, and kept out of the bar's line."""
+    library = logging.getLogger("qslm_jax")
+    if not any(isinstance(h, _TqdmHandler) for h in library.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        library.addHandler(handler)
+        library.setLevel(logging.INFO)
+        library.propagate = False
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_main(body: Callable[[], int], *, resume_hint: str | None = None) -> int:
+    """Run an entry point's ``body`` with :func:`configure_logging`: a :class:`QSLMError` becomes ``error: ...``
+    and exit 1, Ctrl-C a short message (with how to resume) and exit 130 — never a traceback for either."""
+    configure_logging()
+    try:
+        return body()
+    except QSLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted." + (f" {resume_hint}" if resume_hint else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def exit_status(main: Callable[[], object]) -> int:
+    """The exit status of an entry point whose ``main()`` returns results rather than a status: 0, or
+    :func:`run_main`'s status for an error or an interruption."""
+    def body() -> int:
+        main()
+        return 0
+
+    return run_main(body)
+
+
+def check_search_arguments(args, *, const_a: float | None = None) -> None:
+    """Every search flag checked before any model is loaded or evaluated (:class:`ConfigError` listing the
+    problems): the same rules as :class:`QSLMSettings`, plus levels, the budget flags and the device count."""
+    for q in args.levels:
+        check_level(q)
+    const_m_frac = getattr(args, "const_m_frac", None)
+    if const_m_frac is not None and not const_m_frac > 0:
+        raise ConfigError(f"--const-m-frac must be > 0 (a fraction of the fp32 size), found {const_m_frac}")
+    const_m = getattr(args, "const_m", None)
+    QSLMSettings(const_a=const_a if const_a is not None else 0.0,
+                 const_m_mb=const_m if const_m is not None else math.inf, levels=args.levels,
+                 alpha=getattr(args, "alpha", 0.5), alphas=getattr(args, "alphas", (0.5,)),
+                 eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size or 1, chunk_size=args.chunk_size,
+                 devices=args.devices, selection_split=args.selection_split)
+    if args.devices is not None:
+        import jax
+
+        available = jax.local_device_count()
+        if args.devices > available:
+            raise ConfigError(f"--devices {args.devices}: only {available} local device(s) are visible")
 
 
 def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +126,10 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=("trained", "random"), default="trained",
                    help="random: random weights, no training (pipeline checks)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples / tokens")
+    p.add_argument("--selection-split", choices=SELECTION_SPLITS, default="held-out",
+                   help="held-out: choose on a selection split and report the choice on data the search never saw "
+                        "(SST-2: 1000 train rows held out of training / GLUE validation; WikiText-2: first / "
+                        "second half of the test tokens used); same: the paper's protocol, one set for both")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default 64 (sst2) / 8 (wikitext2)")
     p.add_argument("--chunk-size", type=int, default=8, help="candidates per compiled (vmapped) call")
     p.add_argument("--devices", type=int, default=None, help="local devices to shard candidates over (all)")
@@ -35,8 +140,8 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="local data directory (default $QSLM_DATA_DIR, else the hub)")
     p.add_argument("--cache-dir", default=None, help="where the embedded default model is cached "
                    "(default $QSLM_CACHE_DIR or ~/.cache/qslm_jax)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (--init random) and new heads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def eval_batch_size(args, task) -> int:

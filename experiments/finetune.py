@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
+from experiments.common import finite_float, run_main
+from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
 from qslm_jax.qslm.models import resolve_model
 from qslm_jax.qslm.tasks import TASKS, get_task
@@ -25,16 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="spikegpt-small",
                    help="preset name, reference checkpoint (.pth/.safetensors/hf://) or saved model directory")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
-    p.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    p.add_argument("--task", choices=sorted(TASKS), default="sst2", help="the task to fine-tune on")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/finetune-MODEL-TASK)")
     p.add_argument("--data-dir", default=None, help="local data directory (layout of shared/data); "
                    "default $QSLM_DATA_DIR, else the HF hub")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the task's recipe)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the task's recipe)")
+    p.add_argument("--lr", type=finite_float, default=None, help="peak learning rate (default: the task's recipe)")
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="save a resumable checkpoint every N steps (default: the task's recipe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and of new weights")
+    p.add_argument("--new-head", action="store_true",
+                   help="give a model without the task's classifier a new, randomly initialised one "
+                        "(otherwise that is an error)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples / tokens")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps in total (resumable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,20 +55,30 @@ def _recipe_from(args, task_name: str) -> Recipe:
                                                  ("checkpoint_every", args.checkpoint_every),
                                                  ("seed", args.seed)) if value is not None}
     return Recipe(dataclasses.replace(base.train, **overrides), args.batch_size or base.batch_size,
-                  base.eval_batch_size)
+                  base.eval_batch_size, base.train_data)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the fine-tuning described by ``argv``; returns (and prints) its metrics."""
+def main(argv: list[str] | None = None) -> int:
+    """Run the fine-tuning described by ``argv`` (prints its metrics); returns the exit status (0, 1 bad
+    input, 2 usage, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume from the last checkpoint.")
+
+
+def _run(args) -> int:
     task = get_task(args.task)
-    model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise ConfigError(f"--eval-limit must be >= 1, found {args.eval_limit}")
+    recipe = _recipe_from(args, task.name)  # checks the training settings before the model is loaded
+    model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed, new_head=args.new_head)
     out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"
-    metrics = finetune(model, task, _recipe_from(args, task.name), out, data_dir=args.data_dir,
-                       eval_limit=args.eval_limit, progress=not args.no_progress, stop_after=args.stop_after)
+    metrics = finetune(model, task, recipe, out, data_dir=args.data_dir, eval_limit=args.eval_limit,
+                       progress=not args.no_progress, stop_after=args.stop_after)
     print(json.dumps(metrics, indent=1))
-    return metrics
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from flax import nnx
 
+from experiments.common import exit_status
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SPIKINGBERT_PRESETS, SpikingBERT, SpikingBERTConfig
@@ -72,4 +74,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -12,8 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.common import add_model_and_evaluation_arguments, eval_batch_size
-from qslm_jax.errors import QSLMError
+from experiments.common import (
+    add_model_and_evaluation_arguments,
+    check_search_arguments,
+    eval_batch_size,
+    finite_float,
+    run_main,
+)
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
 from qslm_jax.qslm.report import write_json
@@ -25,30 +30,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.sensitivity", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", choices=sorted(TASKS), default="sst2")
-    p.add_argument("--const-a", type=float, default=2.0,
+    p.add_argument("--const-a", type=finite_float, default=2.0,
                    help="the performance constraint used to order blocks (reach = lowest level passing alone)")
     add_model_and_evaluation_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the analysis described by ``argv``; returns the exit status (0, or 1 on bad input)."""
+    """Run the analysis described by ``argv``; returns the exit status (0, 1 bad input, 2 usage, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    try:
-        task = get_task(args.task)
-        model, description = load_for_task(args.model, task, checkpoint=args.checkpoint, init=args.init,
-                                           seed=args.seed, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                                           progress=not args.no_progress)
-        settings = QSLMSettings(const_a=args.const_a, const_m_mb=float("inf"), levels=args.levels,
-                                eval_limit=args.eval_limit, eval_batch_size=eval_batch_size(args, task),
-                                chunk_size=args.chunk_size, devices=args.devices)
-        out = args.out or Path("runs") / f"sensitivity-{Path(args.model).name}-{task.name}"
-        ctx = prepare_evaluation(model, task, settings, out, model_description=description, data_dir=args.data_dir,
-                                 journal_path=args.journal)
-        baseline, table, order = run_sensitivity(ctx, args.levels, args.const_a)
-    except QSLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume from the journal.")
+
+
+def _run(args) -> int:
+    check_search_arguments(args, const_a=args.const_a)
+    task = get_task(args.task)
+    model, description = load_for_task(args.model, task, checkpoint=args.checkpoint, init=args.init,
+                                       seed=args.seed, cache_dir=args.cache_dir, data_dir=args.data_dir,
+                                       progress=not args.no_progress)
+    settings = QSLMSettings(const_a=args.const_a, const_m_mb=float("inf"), levels=args.levels,
+                            eval_limit=args.eval_limit, eval_batch_size=eval_batch_size(args, task),
+                            chunk_size=args.chunk_size, devices=args.devices, selection_split=args.selection_split)
+    out = args.out or Path("runs") / f"sensitivity-{Path(args.model).name}-{task.name}"
+    ctx = prepare_evaluation(model, task, settings, out, model_description=description, data_dir=args.data_dir,
+                             journal_path=args.journal)
+    baseline, table, order = run_sensitivity(ctx, args.levels, args.const_a)
     write_sensitivity(out, table, baseline, task)
     write_json(out / "sensitivity.json", {
         "task": task.name, "metric": task.metric_name, "baseline": baseline, "protocol": ctx.data.protocol,

@@ -4,7 +4,10 @@
 (``spikegpt-small``) is trained on SST-2 once (cached), then sensitivity analysis, tiered search
 (global -> block -> module) under the paper's case a1 constraints scaled to its size, selection and report.
 ``--model spikegpt216m --checkpoint SpikeGPT-216M.pth --task wikitext2 --case b1`` runs the paper's setting.
-Exit status: 0 with a selection, 2 when no candidate is feasible (the closest are listed), 1 on bad input.
+By default the search chooses on a selection split and the report scores the choice on data the search never
+saw (``--selection-split same``: the paper's protocol).
+Exit status: 0 with a selection, 1 on bad input, 2 on a usage error, 3 when no candidate is feasible (the
+closest are listed), 130 when interrupted (rerun the same command to resume from the journal).
 """
 
 from __future__ import annotations
@@ -14,8 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.common import add_model_and_evaluation_arguments, eval_batch_size, parse_levels
-from qslm_jax.errors import ConfigError, QSLMError
+from experiments.common import (
+    add_model_and_evaluation_arguments,
+    check_search_arguments,
+    eval_batch_size,
+    finite_float,
+    parse_levels,
+    run_main,
+)
+from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb, run_qslm
 from qslm_jax.qslm.selection import ALPHAS
@@ -31,12 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", choices=sorted(CASES), default=None,
                    help="the paper's constraints (a1-a3: SST-2, b1-b3: WikiText-2); memory budgets scale with "
                         "the model's fp32 size (x fp32/861.6 MB). Default when no constraint is given: a1 / b1")
-    p.add_argument("--const-a", type=float, default=None,
+    p.add_argument("--const-a", type=finite_float, default=None,
                    help="largest accuracy drop (points) or perplexity increase allowed")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--const-m", type=float, default=None, help="memory budget in MB (10^6 bytes)")
-    budget.add_argument("--const-m-frac", type=float, default=None, help="memory budget as a fraction of fp32")
-    p.add_argument("--alpha", type=float, default=0.5, help="trade-off factor of the selection score")
+    budget.add_argument("--const-m", type=finite_float, default=None, help="memory budget in MB (10^6 bytes)")
+    budget.add_argument("--const-m-frac", type=finite_float, default=None,
+                        help="memory budget as a fraction of fp32")
+    p.add_argument("--alpha", type=finite_float, default=0.5, help="trade-off factor of the selection score")
     p.add_argument("--alphas", type=parse_levels, default=ALPHAS, help="alphas of the ablation")
     add_model_and_evaluation_arguments(p)
     return p
@@ -55,32 +66,34 @@ def _task_and_case(args) -> tuple[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the pipeline described by ``argv``; returns the exit status (0, 1 or 2)."""
+    """Run the pipeline described by ``argv``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    try:
-        task_name, case = _task_and_case(args)
-        task = get_task(task_name)
-        model, description = load_for_task(args.model, task, checkpoint=args.checkpoint, init=args.init,
-                                           seed=args.seed, cache_dir=args.cache_dir, data_dir=args.data_dir,
-                                           progress=not args.no_progress)
-        fp32 = hierarchy_of(model).fp32_bytes
-        const_a = args.const_a if args.const_a is not None else CASES[case][1]
-        if args.const_m is not None:
-            const_m = args.const_m
-        elif args.const_m_frac is not None:
-            const_m = args.const_m_frac * fp32 / 1e6
-        else:
-            const_m = case_budget_mb(case, fp32)
-        settings = QSLMSettings(const_a=const_a, const_m_mb=const_m, levels=args.levels, alpha=args.alpha,
-                                alphas=args.alphas, eval_limit=args.eval_limit,
-                                eval_batch_size=eval_batch_size(args, task),
-                                chunk_size=args.chunk_size, devices=args.devices, case=case)
-        out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
-        report, code = run_qslm(model, task, settings, out, model_description=description,
-                                data_dir=args.data_dir, journal_path=args.journal, progress=not args.no_progress)
-    except QSLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume: evaluations so far are "
+                                                    "in the journal.")
+
+
+def _run(args) -> int:
+    task_name, case = _task_and_case(args)
+    task = get_task(task_name)
+    const_a = args.const_a if args.const_a is not None else CASES[case][1]
+    check_search_arguments(args, const_a=const_a)  # before any model is loaded, trained or evaluated
+    model, description = load_for_task(args.model, task, checkpoint=args.checkpoint, init=args.init,
+                                       seed=args.seed, cache_dir=args.cache_dir, data_dir=args.data_dir,
+                                       progress=not args.no_progress)
+    fp32 = hierarchy_of(model).fp32_bytes
+    if args.const_m is not None:
+        const_m = args.const_m
+    elif args.const_m_frac is not None:
+        const_m = args.const_m_frac * fp32 / 1e6
+    else:
+        const_m = case_budget_mb(case, fp32)
+    settings = QSLMSettings(const_a=const_a, const_m_mb=const_m, levels=args.levels, alpha=args.alpha,
+                            alphas=args.alphas, eval_limit=args.eval_limit,
+                            eval_batch_size=eval_batch_size(args, task), chunk_size=args.chunk_size,
+                            devices=args.devices, case=case, selection_split=args.selection_split)
+    out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
+    report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
+                            journal_path=args.journal, progress=not args.no_progress)
     print((out / "summary.md").read_text())
     if code == EXIT_NO_FEASIBLE:
         print(json.dumps(report["no_feasible"]["closest"], indent=1), file=sys.stderr)

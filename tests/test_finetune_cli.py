@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -22,20 +23,26 @@ ARGS = ["--model", "spikegpt-micro", "--task", "sst2", "--batch-size", "8", "--e
         "--checkpoint-every", "4", "--no-progress"]
 
 
+def _finetune(argv):
+    assert finetune.main(argv) == 0
+    out = argv[argv.index("--out") + 1]
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
 def _params(directory):
     return jax.tree.leaves(nnx.state(load_model(directory / "model")))
 
 
 def test_finetune_trains_saves_and_reports(tmp_path, data_dir):
-    metrics = finetune.main([*ARGS, "--steps", "6", "--out", str(tmp_path)])
+    metrics = _finetune([*ARGS, "--steps", "6", "--out", str(tmp_path)])
     assert 0.0 <= metrics["metric"] <= 100.0 and metrics["steps_done"] == 6
-    assert json.loads((tmp_path / "metrics.json").read_text())["metric"] == metrics["metric"]
+    assert metrics["machine"]["cpu_cores"] >= 1
     assert (tmp_path / "curve.png").is_file()
     assert load_model(tmp_path / "model").config.n_classes == 2
 
 
 def test_wikitext_finetune_reports_ngram_baselines(tmp_path, data_dir):
-    metrics = finetune.main(["--model", "spikegpt-micro", "--task", "wikitext2", "--steps", "3", "--batch-size",
+    metrics = _finetune(["--model", "spikegpt-micro", "--task", "wikitext2", "--steps", "3", "--batch-size",
                              "4", "--eval-limit", "200", "--no-progress", "--out", str(tmp_path)])
     assert metrics["baselines"]["bigram"] < metrics["baselines"]["unigram"]
     assert metrics["metric"] > 1.0
@@ -44,7 +51,7 @@ def test_wikitext_finetune_reports_ngram_baselines(tmp_path, data_dir):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     steps = ["--steps", "24"]
-    finetune.main([*ARGS, *steps, "--out", str(tmp_path / "straight")])
+    _finetune([*ARGS, *steps, "--out", str(tmp_path / "straight")])
 
     killed = tmp_path / "killed"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -59,7 +66,52 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     proc.wait()
     assert not (killed / "metrics.json").exists()
 
-    resumed = finetune.main([*ARGS, *steps, "--out", str(killed)])
+    resumed = _finetune([*ARGS, *steps, "--out", str(killed)])
     assert resumed["resumed_from_step"] >= 8
     for a, b in zip(_params(tmp_path / "straight"), _params(killed), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "-1"], "learning_rate=-1.0"),
+    (["--steps", "-3"], "steps=-3"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--eval-limit", "0"], "--eval-limit must be >= 1"),
+])
+def test_bad_training_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    started = time.perf_counter()
+    assert finetune.main([*ARGS, *flags, "--out", str(tmp_path)]) == 1
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_nan_learning_rate_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([*ARGS, "--lr", "nan", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "finite" in capsys.readouterr().err
+
+
+def test_a_model_without_the_task_head_needs_new_head(tmp_path, capsys, data_dir):
+    from qslm_jax.model_io import save_model
+    from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+
+    lm = save_model(SpikeGPT(SpikeGPTConfig.preset("spikegpt-micro"), rngs=nnx.Rngs(0)), tmp_path / "lm")
+    base = ["--model", str(lm), "--task", "sst2", "--batch-size", "4", "--eval-limit", "8", "--steps", "2",
+            "--no-progress"]
+    assert finetune.main([*base, "--out", str(tmp_path / "refused")]) == 1
+    assert "--new-head" in capsys.readouterr().err
+    assert _finetune([*base, "--new-head", "--out", str(tmp_path / "ok")])["steps_done"] == 2
+
+
+def test_a_model_with_a_smaller_vocabulary_than_the_data_is_refused(tmp_path, capsys, data_dir):
+    import dataclasses
+
+    from qslm_jax.model_io import save_model
+    from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+    config = dataclasses.replace(SpikeGPTConfig.preset("spikegpt-micro", n_classes=2), vocab_size=100)
+    small = save_model(SpikeGPT(config, rngs=nnx.Rngs(0)), tmp_path / "v100")
+    assert finetune.main(["--model", str(small), "--task", "sst2", "--batch-size", "4", "--eval-limit", "8",
+                          "--steps", "2", "--no-progress", "--out", str(tmp_path / "out")]) == 1
+    assert "vocabulary has 100 entries" in capsys.readouterr().err

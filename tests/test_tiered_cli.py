@@ -21,9 +21,17 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
                         "--const-m-frac", "0.9")
     assert code == 0
     for name in ("report.json", "candidates.csv", "sensitivity.csv", "pareto.png", "sensitivity.png",
-                 "summary.md", "selection.safetensors", "journal.jsonl"):
+                 "summary.md", "selection.safetensors"):
         assert (tmp_path / name).is_file(), name
-    assert report["compilations"] == 1  # every batched call of the whole search reuses one compilation
+    # the journal lives outside the case folder, named by its setup; the report split has its own
+    journals = sorted(p.name for p in (tmp_path.parent / "journals").glob("sst2-*.jsonl"))
+    assert [n.split("-")[1] for n in journals] == ["report", "selection"]
+    held = report["report_split"]
+    assert held["split"] == "report" and "GLUE sst2 validation" in held["protocol"] and held["eval_items"] == 48
+    assert "held out of training for selection" in report["config"]["protocol"]
+    assert set(held["metrics"]) >= {"baseline", "selection"}
+    # every batched call reuses one compilation: both splits are one batch of 48 examples here
+    assert report["compilations"] == 1
     assert report["baseline"]["memory_bytes"] == report["fp32_bytes"]
     sel = report["selection"]
     assert sel["feasible"] and sel["memory_bytes"] <= 0.9 * report["fp32_bytes"]
@@ -43,7 +51,7 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
     assert f"+ {report['evaluations']} new (" in table[2]
 
 
-def test_rerun_resumes_from_the_journal(tmp_path, data_dir):
+def test_rerun_resumes_from_the_journal_and_keeps_each_invocations_cost(tmp_path, data_dir):
     args = ("--task", "sst2", "--eval-limit", "32", "--const-a", "3", "--const-m-frac", "0.5")
     _, first = _run(tmp_path, *args)
     _, second = _run(tmp_path, *args)
@@ -51,34 +59,75 @@ def test_rerun_resumes_from_the_journal(tmp_path, data_dir):
     assert second["evaluations"] == 0
     assert second["baseline"] == first["baseline"]
     assert [c["metric"] for c in second["candidates"]] == [c["metric"] for c in first["candidates"]]
+    assert [run["evaluations"] for run in second["invocations"]] == [first["evaluations"], 0]
+    assert second["report_split"] == first["report_split"]
 
 
-def test_infeasible_constraints_exit_2_with_closest_candidates(tmp_path, data_dir, capsys):
+def test_infeasible_constraints_exit_3_with_closest_candidates_and_no_stale_export(tmp_path, data_dir, capsys):
+    code, _ = _run(tmp_path, "--task", "wikitext2", "--eval-limit", "300", "--const-a", "1000",
+                   "--const-m-frac", "0.9")
+    assert code == 0 and (tmp_path / "selection.safetensors").is_file()
     code, report = _run(tmp_path, "--task", "wikitext2", "--eval-limit", "300", "--const-a", "0",
                         "--const-m", "0.001")
-    assert code == 2
+    assert code == 3
     assert report["selection"] is None
     assert report["no_feasible"]["closest"]
     assert "no candidate meets both constraints" in (tmp_path / "summary.md").read_text()
+    assert not (tmp_path / "selection.safetensors").exists()
+    assert "second half" in _run(tmp_path / "again", "--task", "wikitext2", "--eval-limit", "300",
+                                 "--const-a", "1000", "--const-m-frac", "0.9")[1]["report_split"]["protocol"]
 
 
 def test_case_flag_scales_the_budget_to_the_model(tmp_path, data_dir):
     code, report = _run(tmp_path, "--case", "b2", "--eval-limit", "200")
     assert report["config"]["task"] == "wikitext2" and report["config"]["const_a"] == 4.0
     assert report["config"]["const_m_mb"] == pytest.approx(400 * report["fp32_bytes"] / 1e6 / 861.597696)
-    assert code in (0, 2)
+    assert code in (0, 3)
     assert report["config"]["case"] == "b2"
     # another case of the same model and task reuses the journal: its constraints are not in the fingerprint
-    journal = tmp_path / "journal.jsonl"
-    code_b3, report_b3 = _run(tmp_path / "b3", "--case", "b3", "--eval-limit", "200", "--journal", str(journal))
-    assert code_b3 in (0, 2) and report_b3["config"]["case"] == "b3"
+    code_b3, report_b3 = _run(tmp_path / "b3", "--case", "b3", "--eval-limit", "200",
+                              "--journal", report["journal"]["path"])
+    assert code_b3 in (0, 3) and report_b3["config"]["case"] == "b3"
     assert report_b3["journal_hits"] >= 1
+    assert not (tmp_path / "b3" / "journal.jsonl").exists()
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert tiered.main(["--model", "spikegpt216m", "--task", "sst2", "--out", str(tmp_path)]) == 1
     assert "experiments.finetune" in capsys.readouterr().err
     assert tiered.main(["--case", "a1", "--task", "wikitext2", "--out", str(tmp_path)]) == 1
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--const-a", "-1"], "const_a=-1.0"),
+    (["--const-m", "0"], "const_m_mb=0.0"),
+    (["--const-m-frac", "-0.5"], "--const-m-frac must be > 0"),
+    (["--alpha", "-1"], "alpha=-1.0"),
+    (["--eval-limit", "0"], "eval_limit=0"),
+    (["--eval-limit", "-5"], "eval_limit=-5"),
+    (["--eval-batch-size", "0"], "eval_batch_size=0"),
+    (["--chunk-size", "0"], "chunk_size=0"),
+    (["--devices", "64"], "only 1 local device"),
+    (["--levels", "32,7"], "precision level must be one of"),
+])
+def test_bad_flags_are_refused_up_front(tmp_path, capsys, flags, message):
+    """Checked before any model is loaded or evaluated (the embedded default is not even trained)."""
+    import time
+
+    started = time.perf_counter()
+    code = tiered.main(["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *flags])
+    assert code == 1 and time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [["--const-a", "nan"], ["--const-m", "nan"], ["--alpha", "inf"],
+                                   ["--levels", "32,x"], ["--no-such-flag"]])
+def test_malformed_flags_are_usage_errors_with_status_2(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        tiered.main(["--out", str(tmp_path), *flags])
+    assert exit_info.value.code == 2
 
 
 def test_sensitivity_cli_table_and_heatmap(tmp_path, data_dir):
@@ -93,3 +142,27 @@ def test_sensitivity_cli_table_and_heatmap(tmp_path, data_dir):
     assert sorted(report["order_least_sensitive_first"]) == sorted(report["table"])
     assert (tmp_path / "sensitivity.png").stat().st_size > 1000
     assert report["compilations"] == 1
+
+
+def test_a_journal_is_refused_after_its_data_changed_in_place(tmp_path, data_dir, capsys):
+    """Same path, other content: the fingerprint covers the evaluation batches, so stale metrics are not
+    reused."""
+    local = tmp_path / "data"
+    local.mkdir()
+    for entry in data_dir.iterdir():
+        if entry.name != "glue":
+            (local / entry.name).symlink_to(entry.resolve())
+    (local / "glue" / "sst2").mkdir(parents=True)
+    dev = local / "glue" / "sst2" / "dev.tsv"
+    dev.write_text((data_dir / "glue" / "sst2" / "dev.tsv").read_text())
+    args = ["--task", "sst2", "--eval-limit", "16", "--const-a", "100", "--const-m-frac", "0.9",
+            "--selection-split", "same", "--data-dir", str(local), "--journal", str(tmp_path / "j.jsonl")]
+    code, first = _run(tmp_path / "first", *args)
+    assert code == 0 and first["evaluations"] > 0
+    lines = dev.read_text().splitlines(keepends=True)
+    header, row = lines[0], lines[1].rstrip("\n").split("\t")
+    row[-1] = "1" if row[-1] == "0" else "0"  # flip the first sentence's label, same path
+    dev.write_text(header + "\t".join(row) + "\n" + "".join(lines[2:]))
+    assert tiered.main([*COMMON, "--out", str(tmp_path / "second"), *args]) == 1
+    err = capsys.readouterr().err
+    assert "written for a different setup" in err and "data_sha256" in err

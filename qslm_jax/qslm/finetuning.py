@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,15 +22,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 from flax import nnx
 
+from qslm_jax.errors import ConfigError, DataError
 from qslm_jax.model_io import INFO_FILE, load_model, save_model
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
 from qslm_jax.qslm.metrics import Accuracy, Perplexity
 from qslm_jax.qslm.ngram import baseline_perplexities
 from qslm_jax.qslm.report import write_json
-from qslm_jax.qslm.tasks import Task, load_task_data, training_loss
+from qslm_jax.qslm.tasks import SST2_SELECTION_EXAMPLES, SST2_SELECTION_SEED, Task, load_task_data, training_loss
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.training import TrainConfig, train
 
@@ -45,15 +48,19 @@ class Recipe:
     train: TrainConfig
     batch_size: int
     eval_batch_size: int
+    train_data: str  # what the model is trained on (part of the embedded model's cache key)
 
 
 RECIPES = {
     "sst2": Recipe(TrainConfig(steps=2400, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
-                               clip_norm=1.0, checkpoint_every=200), batch_size=32, eval_batch_size=64),
+                               clip_norm=1.0, checkpoint_every=200), batch_size=32, eval_batch_size=64,
+                   train_data=f"GLUE SST-2 train less the {SST2_SELECTION_EXAMPLES} held-out selection rows "
+                              f"(seed {SST2_SELECTION_SEED})"),
     # 400 steps of 16 x 128 tokens: about 4 passes over wiki.valid.raw. Longer overfits the 217k-token set
     # (1500 steps: training PPL ~26 but test PPL 1952, barely under the unigram's 2060).
     "wikitext2": Recipe(TrainConfig(steps=400, learning_rate=2e-3, warmup_steps=40, weight_decay=0.01,
-                                    clip_norm=1.0, checkpoint_every=100), batch_size=16, eval_batch_size=8),
+                                    clip_norm=1.0, checkpoint_every=100), batch_size=16, eval_batch_size=8,
+                         train_data="WikiText-2 raw valid"),
 }
 
 
@@ -84,13 +91,15 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
     data = load_task_data(task, ctx_len=model.config.ctx_len, train_batch_size=recipe.batch_size,
                           eval_batch_size=recipe.eval_batch_size, eval_limit=eval_limit, data_dir=data_dir,
                           seed=recipe.train.seed)
+    check_vocabulary(model, [data.train_batch_at(0), *data.eval_batches])
     result = train(model, training_loss(task), data.train_batch_at, recipe.train, checkpoint_dir=out / "train",
                    items_per_batch=data.items_per_train_batch, item_unit="example" if task.n_classes else "token",
                    progress=progress, stop_after=stop_after)
     metrics = {"task": task.name, "metric_name": task.metric_name, "protocol": data.protocol,
                "config": dataclasses.asdict(model.config), "recipe": _recipe_dict(recipe),
-               "steps_done": result.history[-1]["step"] if result.history else 0,
-               "train_seconds_this_run": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step}
+               "steps_done": result.steps_done,
+               "train_seconds_this_run": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step,
+               "machine": machine_description()}
     write_json(out / "history.json", result.history)
     _plot_history(result.history, out / "curve.png", task)
     if stop_after is not None and stop_after < recipe.train.steps:
@@ -107,9 +116,43 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
     return metrics
 
 
+def check_vocabulary(model: SpikeGPT, batches) -> None:
+    """:class:`ConfigError` when the data hold token ids the model's embedding does not have (JAX would clamp
+    them silently)."""
+    largest = max(int(np.max(b["idx"])) for b in batches)
+    if largest >= model.config.vocab_size:
+        raise ConfigError(f"the data hold token id {largest} but the model's vocabulary has "
+                          f"{model.config.vocab_size} entries: use a model built for the GPT-NeoX tokenizer "
+                          "(vocab_size 50277, e.g. the spikegpt-small preset)")
+
+
+def read_metrics(path: Path) -> dict:
+    """A cached model's ``metrics.json``, checked to be a JSON object with a finite ``metric``."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"the cached metrics {path} are unreadable ({err}): delete {path.parent} to retrain") from err
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("metric"), int | float) \
+            or not math.isfinite(metrics["metric"]):
+        raise DataError(f"the cached metrics {path} hold no finite 'metric': delete {path.parent} to retrain")
+    return metrics
+
+
 def _recipe_dict(recipe: Recipe) -> dict:
     return {"train": dataclasses.asdict(recipe.train), "batch_size": recipe.batch_size,
-            "eval_batch_size": recipe.eval_batch_size}
+            "eval_batch_size": recipe.eval_batch_size, "train_data": recipe.train_data}
+
+
+def machine_description() -> dict:
+    """The machine a model was trained on: XLA's CPU results depend on the core count (thread partitioning
+    changes float rounding), so bit-identical reruns need the same CPU type and core count (README)."""
+    import platform
+
+    import jax
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
 def _plot_history(history: list[dict], path: Path, task: Task) -> None:
@@ -139,8 +182,11 @@ def embedded_model(task: Task, *, cache_dir: str | Path | None = None, data_dir:
                          .encode()).hexdigest()[:12]
     out = Path(cache_dir or default_cache_dir()) / f"{EMBEDDED_PRESET}-{task.name}-{key}"
     if (out / "model" / INFO_FILE).is_file() and (out / "metrics.json").is_file():
-        return load_model(out / "model"), json.loads((out / "metrics.json").read_text())
-    log.warning("training the embedded default %s on %s once (cached in %s)", EMBEDDED_PRESET, task.name, out)
+        metrics = read_metrics(out / "metrics.json")
+        log.info("using the cached embedded %s model at %s (%s %.4g)", task.name, out, task.metric_name,
+                 metrics["metric"])
+        return load_model(out / "model"), metrics
+    log.info("training the embedded default %s on %s once (cached in %s)", EMBEDDED_PRESET, task.name, out)
     model = SpikeGPT(config, rngs=nnx.Rngs(recipe.train.seed))
     metrics = finetune(model, task, recipe, out, data_dir=data_dir, progress=progress)
     return load_model(out / "model"), metrics

@@ -2,7 +2,8 @@
 
 ``--model`` accepts a preset name (``spikegpt216m``, ``spikegpt-small``, ...), a reference checkpoint
 (``.pth`` / ``.safetensors`` / ``hf://...``) or a directory written by :func:`qslm_jax.model_io.save_model`.
-A model without a classifier gets a freshly initialised one when the task needs it (and says so).
+A model without the classifier a task needs is refused, unless a new, randomly initialised head is asked for
+(``new_head=True``, the fine-tuning CLI's ``--new-head``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ def random_model(preset: str, task: Task, seed: int = 0) -> SpikeGPT:
     return SpikeGPT(SpikeGPTConfig.preset(preset, n_classes=task.n_classes), rngs=nnx.Rngs(seed))
 
 
-def with_task_head(model: SpikeGPT, task: Task, seed: int = 0) -> SpikeGPT:
-    """``model`` itself if it fits ``task``; else a copy with a new classifier of ``task.n_classes`` outputs
-    (random init, logged) and every other parameter taken over unchanged."""
+def with_task_head(model: SpikeGPT, task: Task, seed: int = 0, *, new_head: bool = False) -> SpikeGPT:
+    """``model`` itself if it fits ``task``; else, with ``new_head``, a copy with a new classifier of
+    ``task.n_classes`` outputs (random init, logged) and every other parameter taken over unchanged; else
+    :class:`ConfigError`."""
     if model.config.n_classes == task.n_classes or task.n_classes == 0:
         return model
-    log.warning("the model has no %d-class classifier: a new one is initialised (fine-tune it before use)",
-                task.n_classes)
+    if not new_head:
+        has = f"a {model.config.n_classes}-class one" if model.config.n_classes else "none"
+        raise ConfigError(
+            f"{task.name} needs a {task.n_classes}-class classifier and the model has {has}. To train a new, "
+            f"randomly initialised head: python -m experiments.finetune --task {task.name} --new-head ...; then "
+            "pass the fine-tuned model (OUT/model) here")
+    log.info("the model has no %d-class classifier: a new one is initialised (fine-tune it before use)",
+             task.n_classes)
     grown = SpikeGPT(dataclasses.replace(model.config, n_classes=task.n_classes), rngs=nnx.Rngs(seed))
     state = nnx.state(model)
     if "classifier" in state:
@@ -42,8 +50,10 @@ def with_task_head(model: SpikeGPT, task: Task, seed: int = 0) -> SpikeGPT:
     return grown
 
 
-def resolve_model(spec: str, task: Task, *, checkpoint: str | None = None, seed: int = 0) -> SpikeGPT:
-    """The model named by ``spec`` (preset, checkpoint file, ``hf://`` source or saved directory).
+def resolve_model(spec: str, task: Task, *, checkpoint: str | None = None, seed: int = 0,
+                  new_head: bool = False) -> SpikeGPT:
+    """The model named by ``spec`` (preset, checkpoint file, ``hf://`` source or saved directory), fitted to
+    ``task`` by :func:`with_task_head`.
 
     With a preset name, ``checkpoint`` (a file or saved directory) supplies the weights; a preset with
     released weights (``spikegpt216m``) and no checkpoint is downloaded from the hub.
@@ -59,7 +69,7 @@ def resolve_model(spec: str, task: Task, *, checkpoint: str | None = None, seed:
     else:
         config = SpikeGPTConfig.preset(spec) if spec in PRESETS else None
         model = load_spikegpt(source, config=config)
-    return with_task_head(model, task, seed)
+    return with_task_head(model, task, seed, new_head=new_head)
 
 
 def load_for_task(spec: str, task: Task, *, checkpoint: str | None = None, init: str = "trained", seed: int = 0,
@@ -86,8 +96,4 @@ def load_for_task(spec: str, task: Task, *, checkpoint: str | None = None, init:
             f"{task.name} needs a fine-tuned classifier, and --model {spec} has none. Make one with "
             f"`python -m experiments.finetune --model {spec} --checkpoint <weights.pth> --task {task.name} "
             f"--out runs/ft`, then pass `--checkpoint runs/ft/model`")
-    model = resolve_model(spec, task, checkpoint=checkpoint, seed=seed)
-    if task.n_classes and model.config.n_classes != task.n_classes:
-        raise ConfigError(f"the model has no {task.n_classes}-class classifier: fine-tune it first "
-                          f"(python -m experiments.finetune --task {task.name})")
-    return model, {"model": spec, "checkpoint": checkpoint}
+    return resolve_model(spec, task, checkpoint=checkpoint, seed=seed), {"model": spec, "checkpoint": checkpoint}

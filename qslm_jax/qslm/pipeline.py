@@ -10,6 +10,12 @@
 5. the output directory: ``report.json``, ``candidates.csv``, ``sensitivity.csv``, ``pareto.png``,
    ``sensitivity.png``, ``summary.md`` and the selection exported as packed integer codes.
 
+Held-out selection (default ``selection_split="held-out"``): the search, sensitivity and selection see only the
+task's ``selection`` split; the fp32 baseline and the selected plans are then scored on the ``report`` split,
+which the search never saw (:mod:`qslm_jax.qslm.tasks`). ``"same"`` is the paper's protocol: one set for both.
+Journals live outside the case folders (default ``OUT/../journals/<task>-<split>-<fingerprint>.jsonl``), so
+cases of one model and task share them without touching each other's folders.
+
 The paper's six cases (:data:`CASES`) are stated for SpikeGPT-216M (861.6 MB at fp32); for another model the
 memory budgets scale with its fp32 size (:func:`case_budget_mb`).
 """
@@ -18,6 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -35,8 +44,8 @@ from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT
 from qslm_jax.qslm.energy import LayerOps, estimate_energy
 from qslm_jax.qslm.evaluator import Evaluator
-from qslm_jax.qslm.finetuning import metric_of
-from qslm_jax.qslm.journal import Journal
+from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
+from qslm_jax.qslm.journal import Journal, fingerprint
 from qslm_jax.qslm.power import PowerMeter
 from qslm_jax.qslm.report import plot_pareto, plot_sensitivity, write_candidates_csv, write_json
 from qslm_jax.qslm.search import (
@@ -51,10 +60,12 @@ from qslm_jax.qslm.tasks import Task, load_task_data
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
 
+log = logging.getLogger(__name__)
 MB = 1e6
 PAPER_FP32_MB = 861.597696  # SpikeGPT-216M at fp32 (qslm.md section 2)
 DEFAULT_LEVELS = (32, 16, 12, 8, 6, 4, 3, 2)
-EXIT_NO_FEASIBLE = 2
+EXIT_NO_FEASIBLE = 3  # exit status of a search with no feasible candidate (1: bad input, 2: usage error)
+SELECTION_SPLITS = ("held-out", "same")
 # the paper's cases on SpikeGPT-216M (qslm.md "What the user gives and gets"): task, const_a, const_m (MB)
 CASES = {
     "a1": ("sst2", 2.0, 400.0), "a2": ("sst2", 5.0, 400.0), "a3": ("sst2", 5.0, 420.0),
@@ -84,6 +95,50 @@ class QSLMSettings:
     chunk_size: int | None = 8
     devices: int | None = None  # number of local devices to shard candidates over (default all)
     case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
+    selection_split: str = "held-out"  # "held-out": choose on the selection split, report on another; "same"
+
+    def __post_init__(self):
+        def finite(x) -> bool:
+            return isinstance(x, int | float) and math.isfinite(x)
+
+        checks = [
+            ("const_a", self.const_a, "a finite number >= 0", finite(self.const_a) and self.const_a >= 0),
+            ("const_m_mb", self.const_m_mb, "a number > 0 (MB; inf for no budget)",
+             isinstance(self.const_m_mb, int | float) and self.const_m_mb > 0 and not math.isnan(self.const_m_mb)),
+            ("alpha", self.alpha, "a finite number >= 0", finite(self.alpha) and self.alpha >= 0),
+            ("alphas", self.alphas, "finite numbers >= 0", all(finite(a) and a >= 0 for a in self.alphas)),
+            ("eval_limit", self.eval_limit, "None or an integer >= 1",
+             self.eval_limit is None or (isinstance(self.eval_limit, int) and self.eval_limit >= 1)),
+            ("eval_batch_size", self.eval_batch_size, "an integer >= 1",
+             isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1),
+            ("chunk_size", self.chunk_size, "None or an integer >= 1",
+             self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1)),
+            ("devices", self.devices, "None or an integer >= 1",
+             self.devices is None or (isinstance(self.devices, int) and self.devices >= 1)),
+            ("selection_split", self.selection_split, f"one of {SELECTION_SPLITS}",
+             self.selection_split in SELECTION_SPLITS),
+            ("levels", self.levels, "at least one level", len(self.levels) >= 1),
+        ]
+        problems = [f"{name}={value!r} (expected {rule})" for name, value, rule, ok in checks if not ok]
+        if problems:
+            raise ConfigError(f"invalid search settings: {'; '.join(problems)}")
+
+    @property
+    def search_split(self) -> str:
+        """The task split the search chooses on (:data:`qslm_jax.qslm.tasks.EVAL_SPLITS`)."""
+        return "selection" if self.selection_split == "held-out" else "all"
+
+
+def data_fingerprint(batches: Sequence[dict]) -> str:
+    """SHA-256 of the evaluation batches' content (every key's dtype, shape and bytes, in order): a journal
+    computed on other data (a data file changed in place, another tokenizer or limit) is refused."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            array = np.ascontiguousarray(batch[key])
+            digest.update(f"{key}{array.dtype}{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def parameter_fingerprint(model: nnx.Module) -> str:
@@ -127,13 +182,6 @@ def _mean_spike_rates(model: SpikeGPT, batch: dict, classify: bool) -> np.ndarra
     return np.asarray(rates)
 
 
-def _check_vocabulary(model: SpikeGPT, batches: Sequence[dict]) -> None:
-    largest = max(int(np.max(b["idx"])) for b in batches)
-    if largest >= model.config.vocab_size:
-        raise ConfigError(f"the data hold token id {largest} but the model's vocabulary has "
-                          f"{model.config.vocab_size} entries: use a model trained with the GPT-NeoX tokenizer")
-
-
 class MeteredEvaluate:
     """``evaluate(plans) -> metrics`` over fixed batches, with GPU power sampled around every batched call."""
 
@@ -164,26 +212,44 @@ class EvaluationContext:
     journal: Journal
 
 
-def prepare_evaluation(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, model_description: dict,
-                       data_dir: str | Path | None = None, journal_path: Path | None = None) -> EvaluationContext:
-    """Load the evaluation data, build the batched evaluator and open (or resume) the journal in ``out``.
+def default_journal_path(out: Path, task: Task, split: str, meta: dict) -> Path:
+    """``OUT/../journals/<task>-<split>-<fingerprint[:16]>.jsonl``: outside the case folder, one per setup, so
+    every case of one model, task and protocol shares it and a different setup never collides with it."""
+    return out.parent / "journals" / f"{task.name}-{split}-{fingerprint(meta)[:16]}.jsonl"
 
-    The journal's fingerprint covers the weights, the task, the evaluation protocol and the quantizer scheme,
-    not the constraints, so one journal serves every case of a model and task.
+
+def prepare_evaluation(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, model_description: dict,
+                       data_dir: str | Path | None = None, journal_path: Path | None = None,
+                       split: str | None = None, evaluator: Evaluator | None = None) -> EvaluationContext:
+    """Load the evaluation data of ``split`` (default: the settings' search split), build the batched
+    evaluator (or reuse ``evaluator``, whose compilation then serves batches of the same shapes) and open (or
+    resume) the journal.
+
+    The journal's fingerprint covers the weights, the task and split, the evaluation protocol, the content of
+    the evaluation batches and the quantizer scheme, not the constraints, so one journal serves every case of
+    a model and task (``journal_path`` default: :func:`default_journal_path`).
     """
+    split = split or settings.search_split
     out.mkdir(parents=True, exist_ok=True)
-    hierarchy = hierarchy_of(model)
+    hierarchy = evaluator.hierarchy if evaluator is not None else hierarchy_of(model)
     data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=settings.eval_batch_size,
-                          eval_limit=settings.eval_limit, data_dir=data_dir, with_train=False)
-    _check_vocabulary(model, data.eval_batches)
-    devices = jax.local_devices()[:settings.devices] if settings.devices else None
-    evaluator = Evaluator(model, metric_of(task), hierarchy=hierarchy, chunk_size=settings.chunk_size,
-                          devices=devices)
-    journal = Journal(journal_path or out / "journal.jsonl", {
-        "weights_sha256": parameter_fingerprint(model), "model": model_description, "task": task.name,
-        "protocol": data.protocol, "eval_items": data.eval_items, "scheme": repr(hierarchy.scheme)})
+                          eval_limit=settings.eval_limit, data_dir=data_dir, with_train=False, eval_split=split)
+    check_vocabulary(model, data.eval_batches)
+    if evaluator is None:
+        devices = jax.local_devices()[:settings.devices] if settings.devices else None
+        evaluator = Evaluator(model, metric_of(task), hierarchy=hierarchy, chunk_size=settings.chunk_size,
+                              devices=devices)
+    meta = {"weights_sha256": parameter_fingerprint(model), "model": model_description, "task": task.name,
+            "split": split, "protocol": data.protocol, "eval_items": data.eval_items,
+            "data_sha256": data_fingerprint(data.eval_batches), "scheme": repr(hierarchy.scheme)}
+    journal = Journal(journal_path or default_journal_path(out, task, split, meta), meta)
     return EvaluationContext(model, task, hierarchy, data, evaluator, MeteredEvaluate(evaluator, data.eval_batches),
                              journal)
+
+
+def report_split_journal_path(search_journal: Path) -> Path:
+    """Where the report-split evaluations of a search journaled at ``search_journal`` go (beside it)."""
+    return search_journal.with_name(search_journal.stem + ".report" + search_journal.suffix)
 
 
 def run_sensitivity(ctx: EvaluationContext, levels: Sequence[float], const_a: float
@@ -214,7 +280,7 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
     constraints (the report then lists the closest candidates).
     """
     out = Path(out)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     ctx = prepare_evaluation(model, task, settings, out, model_description=model_description, data_dir=data_dir,
                              journal_path=journal_path)
     hierarchy, data, evaluator, evaluate, journal = ctx.hierarchy, ctx.data, ctx.evaluator, ctx.evaluate, ctx.journal
@@ -247,16 +313,70 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
                                100.0 * (1.0 - selection.candidate.memory_fraction)}
         report["energy_estimate"]["selection"] = spikegpt_energy(model, selection.candidate.plan, hierarchy,
                                                                  classify=classify)
-        report["alpha_ablation"] = {str(a): s.to_dict() for a, s in alpha_ablation(result, settings.alphas).items()}
+        ablation = alpha_ablation(result, settings.alphas)
+        report["alpha_ablation"] = {str(a): s.to_dict() for a, s in ablation.items()}
         _export_selection(model, selection.candidate.plan, hierarchy, out, report)
+        tic = time.perf_counter()
+        report["report_split"] = score_on_report_split(
+            ctx, settings, out, model_description=model_description, data_dir=data_dir, journal_path=journal_path,
+            plans={"baseline": QuantPlan(), "selection": selection.candidate.plan,
+                   **{f"alpha={a}": s.candidate.plan for a, s in ablation.items()}})
+        report["timings"]["report_split_seconds"] = time.perf_counter() - tic
     except NoFeasibleCandidate as err:
         exit_code = EXIT_NO_FEASIBLE
         report["selection"] = None
         report["no_feasible"] = {"message": str(err), "closest": [
             {**c.to_dict(), "violation": v} for c, v in err.closest]}
+        stale = out / "selection.safetensors"
+        if stale.exists():
+            stale.unlink()
+            log.info("removed %s: it held an earlier run's selection and this run has none", stale)
+    report["compilations"] = evaluator.compilations
     report["timings"]["total_seconds"] = time.perf_counter() - started
+    report["invocations"] = [*_previous_invocations(out), _invocation(report, started_at)]
     _write_outputs(out, report, table, task, settings)
     return report, exit_code
+
+
+def score_on_report_split(ctx: EvaluationContext, settings: QSLMSettings, out: Path, *, plans: dict[str, QuantPlan],
+                          model_description: dict, data_dir: str | Path | None,
+                          journal_path: Path | None) -> dict[str, Any]:
+    """The metric of each named plan on the report split, which the search never saw (journaled beside the
+    search journal); with ``selection_split="same"`` the search split's metrics themselves (the paper's
+    protocol)."""
+    if settings.selection_split == "same":
+        metrics = CachedEvaluator(ctx.evaluate, ctx.hierarchy, ctx.journal)(list(plans.values()))
+        protocol, items = ctx.data.protocol, ctx.data.eval_items
+    else:
+        report_ctx = prepare_evaluation(ctx.model, ctx.task, settings, out, model_description=model_description,
+                                        data_dir=data_dir, split="report", evaluator=ctx.evaluator,
+                                        journal_path=journal_path and report_split_journal_path(journal_path))
+        metrics = CachedEvaluator(report_ctx.evaluate, report_ctx.hierarchy, report_ctx.journal)(list(plans.values()))
+        protocol, items = report_ctx.data.protocol, report_ctx.data.eval_items
+    return {"split": "report" if settings.selection_split == "held-out" else "same as the search",
+            "protocol": protocol, "eval_items": items,
+            "metrics": dict(zip(plans, metrics, strict=True))}
+
+
+def _invocation(report: dict, started_at: str) -> dict[str, Any]:
+    return {"started": started_at, "evaluations": report["evaluations"], "journal_hits": report["journal_hits"],
+            "compilations": report["compilations"], "timings": dict(report["timings"])}
+
+
+def _previous_invocations(out: Path) -> list[dict[str, Any]]:
+    """The cost records of earlier runs into ``out`` (kept across reruns; an unreadable report keeps none)."""
+    path = out / "report.json"
+    if not path.is_file():
+        return []
+    try:
+        previous = json.loads(path.read_text())
+        runs = previous.get("invocations") if isinstance(previous, dict) else None
+        if runs is None and isinstance(previous, dict) and "timings" in previous:  # written before invocations
+            runs = [{k: previous.get(k) for k in ("evaluations", "journal_hits", "compilations", "timings")}]
+        return [r for r in runs or [] if isinstance(r, dict)]
+    except (OSError, ValueError) as err:
+        log.warning("the earlier report %s is unreadable (%s): its cost record is not carried over", path, err)
+        return []
 
 
 def _base_report(model, task, settings, model_description, data, hierarchy, result: SearchResult, evaluator,
@@ -307,11 +427,18 @@ def _write_outputs(out: Path, report: dict, table, task: Task, settings: QSLMSet
     (out / "summary.md").write_text(summary_markdown(report))
 
 
+def _describe(value: Any) -> str:
+    """A plain ``key: value`` rendering of a model description (numbers to 4 significant digits)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_describe(v)}" for k, v in value.items() if v is not None)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def summary_markdown(report: dict) -> str:
-    """A human summary of ``report``: constraints, baseline, selection, ablation, cost."""
+    """A human summary of ``report``: constraints, baseline, selection and its held-out score, ablation, cost."""
     cfg, base = report["config"], report["baseline"]
     lines = [f"# QSLM search: {cfg['task']} ({cfg['metric']})", "",
-             f"- model: {cfg['model']}", f"- protocol: {cfg['protocol']}",
+             f"- model: {_describe(cfg['model'])}", f"- search protocol: {cfg['protocol']}",
              f"- constraints: const_a = {cfg['const_a']}, const_m = {cfg['const_m_mb']:.4g} MB; "
              f"levels {cfg['levels']}; alpha = {cfg['alpha']}",
              f"- fp32 baseline: {cfg['metric']} {base['metric']:.4f}, {base['memory_bytes'] / MB:.4f} MB",
@@ -319,9 +446,15 @@ def summary_markdown(report: dict) -> str:
              f"{report['compilations']} compilation(s), {report['timings']['total_seconds']:.1f} s", ""]
     sel = report.get("selection")
     if sel:
-        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f}",
+        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f} (search split)",
                   f"- memory: {sel['memory_bytes'] / MB:.4f} MB ({sel['memory_saving_percent']:.1f}% saved vs fp32)",
-                  f"- plan: `{sel['plan']}`", "", "## Alpha ablation", "",
+                  f"- plan: `{sel['plan']}`"]
+        held = report.get("report_split")
+        if held:
+            m = held["metrics"]
+            lines += [f"- on the report split ({held['split']}: {held['protocol']}): fp32 {m['baseline']:.4f}, "
+                      f"selection {m['selection']:.4f}"]
+        lines += ["", "## Alpha ablation", "",
                   "| alpha | metric | memory (MB) | saving | score |", "|---|---|---|---|---|"]
         for alpha, row in report["alpha_ablation"].items():
             lines.append(f"| {alpha} | {row['metric']:.4f} | {row['memory_bytes'] / MB:.4f} | "
