@@ -74,6 +74,11 @@ def search_title(config: Mapping[str, Any]) -> str:
     return f"{name}, {task}, {case}"
 
 
+def _number(value: float) -> str:
+    """A metric for a label: 4 significant digits, large values in full with thousands separators."""
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
 class _Point(NamedTuple):
     memory_bytes: float
     metric: float
@@ -133,7 +138,7 @@ def plot_pareto(
     x_low, x_high = min(memories) / 1.3, max(memories) * 1.3
     ax.fill_between([x_low, const_m_bytes / MB], bound, y_best, color="tab:green", alpha=0.08, lw=0,
                     label="feasible region")
-    ax.axhline(bound, ls="--", c="tab:red", lw=1, label=f"performance bound: {bound:.4g} (const_a {const_a:g})")
+    ax.axhline(bound, ls="--", c="tab:red", lw=1, label=f"performance bound: {_number(bound)} (const_a {const_a:g})")
     ax.axvline(const_m_bytes / MB, ls="--", c="tab:green", lw=1,
                label=f"memory budget: {const_m_bytes / MB:.4g} MB")
 
@@ -157,7 +162,7 @@ def plot_pareto(
     if off_scale:
         worst = max(candidates, key=lambda c: degradation_of(c["metric"]))["metric"]
         ax.scatter([], [], marker="v" if higher_is_better else "^", c="k", s=30,
-                   label=f"{off_scale} off the scale (on the edge; worst {worst:.4g})")
+                   label=f"{off_scale} off the scale (on the edge; worst {_number(worst)})")
 
     selectable = [_Point(c["memory_bytes"] / MB, c["metric"]) for c in candidates
                   if c["feasible"] and not c.get("after_stop", False)]
@@ -169,13 +174,13 @@ def plot_pareto(
                 label=f"Pareto front of the feasible ({len(front)})")
         ax.scatter(xs[:-1], ys[:-1], s=46, facecolors="none", edgecolors="tab:purple", lw=1.4, zorder=4)
     ax.scatter([base_mb], [base_metric], marker="s", s=50, c="k", zorder=5, label="fp32 baseline")
-    ax.annotate(f"fp32: {base_metric:.4g}", (base_mb, base_metric), xytext=(-8, 8 if higher_is_better else -14),
+    ax.annotate(f"fp32: {_number(base_metric)}", (base_mb, base_metric), xytext=(-8, 8 if higher_is_better else -14),
                 textcoords="offset points", ha="right", fontsize=8)
     if selection is not None:
         sel_mb = selection["memory_bytes"] / MB
         ax.scatter([sel_mb], [selection["metric"]], marker="*", s=300, c="tab:orange", edgecolors="k", zorder=6,
                    label="selection")
-        ax.annotate(f"selection: {selection['metric']:.4g}, {sel_mb:.3g} MB", (sel_mb, selection["metric"]),
+        ax.annotate(f"selection: {_number(selection['metric'])}, {sel_mb:.3g} MB", (sel_mb, selection["metric"]),
                     xytext=(10, -14 if higher_is_better else 10), textcoords="offset points", fontsize=8,
                     bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "tab:orange", "alpha": 0.9})
 
@@ -188,7 +193,7 @@ def plot_pareto(
     top.set_xlabel("% of the fp32 memory", fontsize=9)
     ax.set_xlabel("weight memory (MB, log scale)")
     ax.set_ylabel(metric_name + (" (higher is better)" if higher_is_better else " (lower is better)"))
-    ax.set_title(f"QSLM search: {title}" if title else "QSLM search: memory vs performance", fontsize=11)
+    fig.suptitle(f"QSLM search: {title}" if title else "QSLM search: memory vs performance", fontsize=11)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3, which="major")
     fig.tight_layout()
@@ -247,7 +252,7 @@ def plot_sensitivity(
         decades = [10.0 ** k for k in range(int(np.ceil(np.log10(small))), int(np.floor(np.log10(span))) + 1)]
         bar.set_ticks([*(-d for d in reversed(decades)), 0.0, *decades])
         bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:+g}" if value else "0"))
-    heading = f"Sensitivity: one block quantized at a time (fp32 {baseline_metric:.4g})"
+    heading = f"Sensitivity: one block quantized at a time (fp32 {_number(baseline_metric)})"
     ax.set_title(f"{heading}\n{title}" if title else heading, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -298,7 +303,7 @@ def plot_training_curve(
     if eval_metric is not None:
         ax = axes[1]
         ax.axhline(eval_metric, ls="--", c="tab:orange", lw=1.4,
-                   label=f"evaluation of the trained model (metrics.json): {eval_metric:.4g}")
+                   label=f"evaluation of the trained model (metrics.json): {_number(eval_metric)}")
         ax.scatter([steps[-1]], [eval_metric], marker="*", s=120, c="tab:orange", edgecolors="k", zorder=5)
     for ax in axes:
         ax.legend(fontsize=8, loc="best")
