@@ -4,7 +4,8 @@ EXPORT is a quantized export (``selection.safetensors`` in a ``experiments.tiere
 written by ``qslm_jax.quant.export.export_quantized``). The model is rebuilt from the file alone (its family,
 config and dequantized tensors: no checkpoint is needed) and scored on the task's evaluation data with the
 search's own code path (same data, batches, metric and compiled evaluator), so with the search's ``--eval-limit``
-(``report.json``: ``config.eval_limit``) it prints exactly the report's selection metric.
+and ``--eval-batch-size`` (``report.json``: ``config.eval_limit``, ``config.eval_batch_size``) it prints exactly
+the report's selection metric.
 Exit status: 0, or 1 on bad input (missing file, not an export, a task the model cannot do).
 """
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None, metavar="N",
                    help="score the first N examples (sst2) or tokens (wikitext2) only, as the search's flag")
     p.add_argument("--eval-batch-size", type=int, default=None, metavar="B",
-                   help="sentences / windows per batch (changes the padding only); default: experiments.tiered's")
+                   help="sentences / windows per batch; the search's value (report.json: config.eval_batch_size) "
+                        "reproduces its metric to the last digit; default: experiments.tiered's")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="local data directory (default $QSLM_DATA_DIR, else the hub)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text lines")
