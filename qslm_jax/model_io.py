@@ -6,6 +6,10 @@ A saved model is a directory holding
   config fields (a frozen dataclass of JSON values; tuples come back as tuples);
 * ``state/``: an orbax ``StandardCheckpointer`` checkpoint of the model's state as a pure dict.
 
+:func:`load_quantized_model` rebuilds a model the same way from a quantized export
+(:func:`qslm_jax.quant.export.export_quantized`, e.g. a search's ``selection.safetensors``): the file's family and
+config give the architecture, its dequantized tensors the weights.
+
 The contract a model must meet: it is registered in :data:`MODEL_FAMILIES` (its class and config class), has a
 dataclass ``model.config`` and a constructor ``Model(config, *, rngs)``; its state must be arrays only (no
 ``nnx.Rngs`` kept as an attribute). :func:`load_model` rebuilds the model abstractly (no random init), checks
@@ -28,12 +32,14 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 
 from converters.checkpoint_io import check_finite, check_keys_and_shapes
 from qslm_jax.errors import ConfigError, ConversionError
 from qslm_jax.models.bert import BERT, BertConfig
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
+from qslm_jax.quant.export import QuantizedCheckpoint, load_quantized
 
 FORMAT = "qslm-jax-model/1"
 INFO_FILE = "model.json"
@@ -76,6 +82,20 @@ def _registered_classes(info: Mapping[str, Any], where: Path) -> tuple[type, typ
             return model_cls, config_cls
     raise ConversionError(f"{where} names the classes {legacy}, which are not a registered model family: "
                           f"only {allowed} can be loaded (nothing named in a model.json is ever imported)")
+
+
+def _abstract_model(model_cls: type, config_cls: type, fields: Any, where: Path) -> nnx.Module:
+    """``model_cls(config_cls(**fields))`` built with ``nnx.eval_shape`` (shapes only, no random init); JSON lists
+    in ``fields`` become tuples."""
+    if not isinstance(fields, dict):
+        raise ConversionError(f"{where}: expected a 'config' object of {config_cls.__name__} fields, "
+                              f"found {type(fields).__name__}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        config = config_cls(**fields)
+        return nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
+    except (TypeError, ValueError, ConfigError) as err:
+        raise ConversionError(f"cannot rebuild {model_cls.__name__} from {where}: {err}") from err
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -149,16 +169,7 @@ def load_model(directory: str | Path) -> nnx.Module:
     directory = Path(directory).resolve()
     info = _read_info(directory)
     where = directory / INFO_FILE
-    model_cls, config_cls = _registered_classes(info, where)
-    if not isinstance(info.get("config"), dict):
-        raise ConversionError(f"{where}: expected a 'config' object of {config_cls.__name__} fields")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
-    try:
-        config = config_cls(**fields)
-        abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
-    except (TypeError, ValueError, ConfigError) as err:
-        raise ConversionError(f"cannot rebuild {model_cls.__name__} from {where}: {err}") from err
-
+    abstract = _abstract_model(*_registered_classes(info, where), info.get("config"), where)
     graphdef, state = nnx.split(abstract)
     target = nnx.to_pure_dict(state)
     state_dir = directory / STATE_DIR
@@ -179,3 +190,27 @@ def load_model(directory: str | Path) -> nnx.Module:
     check_finite(_flatten(restored), what=f"saved model {directory}")
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
+
+
+def load_quantized_model(path: str | Path) -> tuple[nnx.Module, QuantizedCheckpoint]:
+    """The model stored in the quantized export ``path``, rebuilt from the file alone, and the export itself.
+
+    The metadata's ``family`` (looked up in :data:`MODEL_FAMILIES`, never imported) and ``config`` give the
+    architecture; the weights are the dequantized tensors ``(codes - zp) * scale`` of
+    :func:`~qslm_jax.quant.export.load_quantized`, bit-identical to the fake-quantized weights the search
+    scored, so evaluating the model at fp32 (``QuantPlan()``) reproduces the search's metric of the plan.
+    Raises :class:`ConversionError` for a missing or unreadable file, a file that is not an export, or one
+    whose family or config does not build.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"no quantized export at {path}: pass the selection.safetensors a search wrote "
+                              "(runs/tiered-*/selection.safetensors) or a file from export_quantized")
+    try:  # the header first: load_quantized would read a non-safetensors file's first 8 bytes as a length
+        with safe_open(str(path), framework="np") as handle:
+            family = (handle.metadata() or {}).get("family")
+    except (OSError, SafetensorError) as err:
+        raise ConversionError(f"cannot read a quantized export from {path}: {err}") from err
+    checkpoint = load_quantized(path)
+    abstract = _abstract_model(*_registered_classes({"family": family}, path), checkpoint.config, path)
+    return checkpoint.apply_to(abstract), checkpoint

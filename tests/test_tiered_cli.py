@@ -30,6 +30,12 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
     assert held["split"] == "report" and "GLUE sst2 validation" in held["protocol"] and held["eval_items"] == 48
     assert "held out of training for selection" in report["config"]["protocol"]
     assert set(held["metrics"]) >= {"baseline", "selection"}
+    # the export alone reproduces both of the report's metrics of the selection
+    from experiments import evaluate
+
+    for split, expected in (("report", held["metrics"]["selection"]), ("selection", report["selection"]["metric"])):
+        scored = evaluate.evaluate_export(tmp_path / "selection.safetensors", "sst2", eval_limit=48, split=split)
+        assert scored["metric"] == expected, split
     # every batched call reuses one compilation: both splits are one batch of 48 examples here
     assert report["compilations"] == 1
     assert report["baseline"]["memory_bytes"] == report["fp32_bytes"]

@@ -18,10 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
@@ -31,7 +27,7 @@ from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
 from qslm_jax.qslm.metrics import Accuracy, Perplexity
 from qslm_jax.qslm.ngram import baseline_perplexities
-from qslm_jax.qslm.report import write_json
+from qslm_jax.qslm.report import plot_training_curve, write_json
 from qslm_jax.qslm.tasks import SST2_SELECTION_EXAMPLES, SST2_SELECTION_SEED, Task, load_task_data, training_loss
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.training import TrainConfig, train
@@ -101,12 +97,13 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
                "train_seconds_this_run": round(result.seconds, 1), "resumed_from_step": result.resumed_from_step,
                "machine": machine_description()}
     write_json(out / "history.json", result.history)
-    _plot_history(result.history, out / "curve.png", task)
     if stop_after is not None and stop_after < recipe.train.steps:
+        _plot_history(result.history, out / "curve.png", task, model.config)
         return metrics | {"interrupted": True}
     start = time.perf_counter()
     metrics["metric"] = evaluate(result.model, task, data.eval_batches)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    _plot_history(result.history, out / "curve.png", task, model.config, eval_metric=metrics["metric"])
     if data.token_streams is not None:
         streams = data.token_streams
         metrics["baselines"] = baseline_perplexities(streams.train, streams.test, streams.vocab_size) | {
@@ -155,18 +152,16 @@ def machine_description() -> dict:
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
-def _plot_history(history: list[dict], path: Path, task: Task) -> None:
+def _plot_history(history: list[dict], path: Path, task: Task, config: SpikeGPTConfig, *,
+                  eval_metric: float | None = None) -> None:
+    """``curve.png``: the loss and the training-batch metric (accuracy in %, perplexity) of ``history``, raw and
+    smoothed, with the trained model's evaluation metric (:func:`~qslm_jax.qslm.report.plot_training_curve`)."""
     if not history:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in history], [r["loss"] for r in history])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title(f"fine-tuning on {task.name}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_training_curve(path, history, metric_key="accuracy" if task.n_classes else "perplexity",
+                        metric_name=task.metric_name, metric_scale=100.0 if task.n_classes else 1.0,
+                        eval_metric=eval_metric, title=f"fine-tuning SpikeGPT ({config.n_layer} blocks x "
+                                                       f"{config.n_embd} channels) on {task.name}")
 
 
 def embedded_model(task: Task, *, cache_dir: str | Path | None = None, data_dir: str | Path | None = None,
