@@ -47,7 +47,7 @@ from qslm_jax.qslm.evaluator import Evaluator
 from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
 from qslm_jax.qslm.journal import Journal, fingerprint
 from qslm_jax.qslm.power import PowerMeter
-from qslm_jax.qslm.report import plot_pareto, plot_sensitivity, write_candidates_csv, write_json
+from qslm_jax.qslm.report import plot_pareto, plot_sensitivity, search_title, write_candidates_csv, write_json
 from qslm_jax.qslm.search import (
     CachedEvaluator,
     SearchResult,
@@ -262,13 +262,15 @@ def run_sensitivity(ctx: EvaluationContext, levels: Sequence[float], const_a: fl
     return baseline_metric, table, order
 
 
-def write_sensitivity(out: Path, table: dict, baseline_metric: float, task: Task) -> None:
+def write_sensitivity(out: Path, table: dict, baseline_metric: float, task: Task, *, title: str | None = None
+                      ) -> None:
     """``sensitivity.csv`` (blocks x levels, metric) and the heat-map ``sensitivity.png`` (metric change)."""
     levels = sorted({q for row in table.values() for q in row}, reverse=True)
     lines = ["block," + ",".join(str(q) for q in levels)]
     lines += [f"{b}," + ",".join(f"{row[q]:.6g}" for q in levels) for b, row in table.items()]
     (out / "sensitivity.csv").write_text("\n".join(lines) + "\n")
-    plot_sensitivity(out / "sensitivity.png", table, baseline_metric=baseline_metric, metric_name=task.metric_name)
+    plot_sensitivity(out / "sensitivity.png", table, baseline_metric=baseline_metric, metric_name=task.metric_name,
+                     higher_is_better=task.higher_is_better, title=title)
 
 
 def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, model_description: dict,
@@ -418,12 +420,13 @@ def _export_selection(model, plan: QuantPlan, hierarchy: Hierarchy, out: Path, r
 
 
 def _write_outputs(out: Path, report: dict, table, task: Task, settings: QSLMSettings) -> None:
+    title = search_title(report["config"])
     write_json(out / "report.json", report)
     write_candidates_csv(out / "candidates.csv", report["candidates"])
-    write_sensitivity(out, table, report["baseline"]["metric"], task)
+    write_sensitivity(out, table, report["baseline"]["metric"], task, title=title)
     plot_pareto(out / "pareto.png", report["candidates"], baseline=report["baseline"], const_a=settings.const_a,
                 const_m_bytes=settings.const_m_mb * MB, selection=report["selection"],
-                metric_name=task.metric_name, higher_is_better=task.higher_is_better)
+                metric_name=task.metric_name, higher_is_better=task.higher_is_better, title=title)
     (out / "summary.md").write_text(summary_markdown(report))
 
 
