@@ -14,7 +14,10 @@ weights are bit-identical to :func:`~qslm_jax.quant.apply.quantize_model`; the p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,26 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from qslm_jax.errors import ConversionError
+from converters.checkpoint_io import check_finite
+from qslm_jax.errors import ConfigError, ConversionError
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of, param_shapes
+from qslm_jax.quant.memory import code_bytes
 from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.quant.quantizers import FP32, TERNARY, QuantScheme, dequantize, level_code, quant_grid
+from qslm_jax.quant.quantizers import (
+    FP32,
+    TERNARY,
+    Level,
+    QuantScheme,
+    check_level,
+    dequantize,
+    level_code,
+    quant_grid,
+)
 
-FORMAT = "qslm-jax-quantized/1"
+FORMAT = "qslm-jax-quantized/2"  # /2: tensors checksummed (metadata "sha256")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+DTYPE_BYTES = {"U8": 1, "F32": 4}  # the dtypes an export holds: packed codes, fp32 scales and tensors
+TRIT_BYTE_MAX = 3**5 - 1  # largest byte of five packed trits
 _CHUNK = 1 << 20  # elements packed at a time (a multiple of 8, so chunks end on byte boundaries)
 _TRIT_WEIGHTS = np.array([1, 3, 9, 27, 81], np.uint8)
 
@@ -132,7 +149,7 @@ def export_quantized(model: nnx.Module, plan: QuantPlan, path: str | Path, *, hi
             tensors[f"{info.name}:{key}"] = np.asarray(value, np.float32).ravel()[:groups].copy()
     metadata = {"format": FORMAT, "plan": plan.key(), "scheme": json.dumps(hierarchy.scheme.to_dict()),
                 "config": json.dumps(_config_dict(config if config is not None else getattr(model, "config", None))),
-                "family": hierarchy.family, "tensors": json.dumps(table)}
+                "family": hierarchy.family, "tensors": json.dumps(table), "sha256": payload_digest(tensors)}
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
     payload = sum(t.nbytes for t in tensors.values())
@@ -159,36 +176,170 @@ class QuantizedCheckpoint:
         return nnx.merge(graphdef, self.params, rest)
 
 
-def load_quantized(path: str | Path) -> QuantizedCheckpoint:
-    """Read an :func:`export_quantized` file and dequantize every tensor: ``(codes - zp) * scale`` (float32)."""
-    path = Path(path)
+def payload_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of the tensors of an export: name, dtype, shape and bytes of each, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _fail(path: Path, problem: str) -> ConversionError:
+    return ConversionError(f"{path} is not a valid {FORMAT} export: {problem}; re-export the model with "
+                           "qslm_jax.quant.export.export_quantized (the file is corrupt, truncated or edited)")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """The safetensors tensor table and metadata of ``path``, checked against the file size before any tensor
+    is read: known dtypes, shapes of non-negative integers, ``data_offsets`` that tile the payload exactly
+    (contiguous, no overlap, ending at the end of the file) and byte counts equal to ``numel * itemsize``."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            metadata = json.loads(handle.read(header_len)).get("__metadata__", {})
-        arrays = load_file(str(path))
-    except (OSError, ValueError, SafetensorError) as err:
+            prefix = handle.read(8)
+            header_len = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise _fail(path, f"the header length field says {header_len:,} bytes but the file has "
+                                  f"{size:,} bytes (at most {MAX_HEADER_BYTES:,} of header)")
+            header = json.loads(handle.read(header_len))
+    except OSError as err:
         raise ConversionError(f"cannot read a quantized export from {path}: {err}") from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _fail(path, f"the header is not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise _fail(path, f"the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "the metadata is not a mapping of strings")
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+            found = entry.get("dtype") if isinstance(entry, dict) else entry
+            raise _fail(path, f"tensor {name!r} has dtype {found!r}, expected one of {sorted(DTYPE_BYTES)}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise _fail(path, f"tensor {name!r} has shape {shape!r}, expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise _fail(path, f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end]")
+        spans.append((offsets[0], offsets[1], math.prod(shape) * DTYPE_BYTES[entry["dtype"]], name))
+    payload, end = size - 8 - header_len, 0
+    for begin, stop, nbytes, name in sorted(spans):
+        if begin != end or stop - begin != nbytes or stop > payload:
+            raise _fail(path, f"tensor {name!r} ({nbytes:,} bytes by its dtype and shape) lies at bytes "
+                              f"[{begin:,}, {stop:,}] but the previous tensor ends at {end:,} and the payload "
+                              f"has {payload:,}")
+        end = stop
+    if end != payload:
+        raise _fail(path, f"the tensors cover {end:,} bytes but the payload has {payload:,}")
+    return header, metadata
+
+
+def _expected_tensors(path: Path, table: Any, scheme: QuantScheme) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{file tensor name: (dtype, shape)}`` that the export's tensor table implies (each entry checked)."""
+    if not isinstance(table, dict):
+        raise _fail(path, "the metadata 'tensors' is not a JSON object")
+    expected, paths = {}, set()
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or set(entry) != {"path", "shape", "level", "channel_axis"}:
+            raise _fail(path, f"tensor entry {name!r} is {entry!r}, expected path/shape/level/channel_axis")
+        shape, tensor_path, axis = entry["shape"], entry["path"], entry["channel_axis"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise _fail(path, f"tensor {name!r} has shape {shape!r}, expected a list of non-negative integers")
+        if (not isinstance(tensor_path, list) or not tensor_path
+                or not all(isinstance(k, str) or _is_count(k) for k in tensor_path)):
+            raise _fail(path, f"tensor {name!r} has the state path {tensor_path!r}")
+        if tuple(tensor_path) in paths:
+            raise _fail(path, f"the state path {tensor_path} occurs twice")
+        paths.add(tuple(tensor_path))
+        try:
+            level = check_level(entry["level"])
+        except ConfigError as err:
+            raise _fail(path, f"tensor {name!r}: {err}") from err
+        if axis is not None and not (_is_count(axis) and axis < len(shape)):
+            raise _fail(path, f"tensor {name!r} of shape {shape} has channel axis {axis!r}")
+        if level == FP32:
+            expected[name] = ("F32", tuple(shape))
+            continue
+        numel = math.prod(shape)
+        groups = 1 if axis is None else shape[axis]
+        expected[f"{name}:codes"] = ("U8", (code_bytes(numel, level),))
+        expected[f"{name}:scale"] = expected[f"{name}:zero_point"] = ("F32", (groups,))
+    return expected
+
+
+def _check_tensor_table(path: Path, header: dict, expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise _fail(path, f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for name, (dtype, shape) in expected.items():
+        found = (header[name]["dtype"], tuple(header[name]["shape"]))
+        if found != (dtype, shape):
+            raise _fail(path, f"tensor {name!r} is {found[0]} {list(found[1])}, but its level and shape call "
+                              f"for {dtype} {list(shape)}")
+
+
+def _parse_json(path: Path, metadata: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(metadata[key])
+    except (KeyError, ValueError) as err:
+        raise _fail(path, f"the metadata {key!r} is missing or not JSON ({err})") from err
+
+
+def load_quantized(path: str | Path) -> QuantizedCheckpoint:
+    """Read an :func:`export_quantized` file and dequantize every tensor: ``(codes - zp) * scale`` (float32).
+
+    Nothing is trusted before it is checked: the safetensors header against the file size (:func:`read_header`),
+    the export's tensor table against the header (every level valid, packed code bytes = ``code_bytes(numel,
+    level)``, one scale and zero-point per scale group), then the tensors against the SHA-256 in the metadata;
+    scales, zero-points and fp32 tensors must be finite and scales non-negative. Any failure is a
+    :class:`ConversionError` naming the problem.
+    """
+    path = Path(path)
+    header, metadata = read_header(path)
     if metadata.get("format") != FORMAT:
         raise ConversionError(f"{path} is not a {FORMAT} export (format tag {metadata.get('format')!r}); "
                               "write it with qslm_jax.quant.export.export_quantized")
+    try:
+        scheme = QuantScheme(**_parse_json(path, metadata, "scheme"))
+        plan = QuantPlan.from_dict(_parse_json(path, metadata, "plan"))
+    except (TypeError, ConfigError) as err:
+        raise _fail(path, f"the scheme or plan is invalid ({err})") from err
+    table = _parse_json(path, metadata, "tensors")
+    _check_tensor_table(path, header, _expected_tensors(path, table, scheme))
+    try:
+        arrays = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ConversionError(f"cannot read a quantized export from {path}: {err}") from err
+    if metadata.get("sha256") != payload_digest(arrays):
+        raise _fail(path, f"the tensors' SHA-256 {payload_digest(arrays)[:16]}... differs from the one recorded "
+                          f"at export ({str(metadata.get('sha256'))[:16]}...)")
+    check_finite({k: v for k, v in arrays.items() if v.dtype == np.float32}, what=f"export {path}")
     params: dict = {}
-    for name, entry in json.loads(metadata["tensors"]).items():
-        shape, level, axis = tuple(entry["shape"]), entry["level"], entry["channel_axis"]
-        if level == FP32:
-            value = arrays[name]
-        else:
-            n = int(np.prod(shape, dtype=np.int64))
-            codes = _unpack(arrays[f"{name}:codes"], level, n).reshape(shape)
-            bshape = [1] * len(shape)
-            if axis is not None:
-                bshape[axis] = -1
-            scale, zero_point = (arrays[f"{name}:{k}"].reshape(bshape) for k in ("scale", "zero_point"))
-            value = np.asarray(dequantize(codes, scale, zero_point))
+    for name, entry in table.items():
+        shape, level, axis = tuple(entry["shape"]), check_level(entry["level"]), entry["channel_axis"]
+        value = arrays[name] if level == FP32 else _dequantize_entry(path, arrays, name, shape, level, axis)
         node = params
         for key in entry["path"][:-1]:
             node = node.setdefault(key, {})
         node[entry["path"][-1]] = value
-    return QuantizedCheckpoint(params, QuantPlan.from_dict(json.loads(metadata["plan"])),
-                               QuantScheme(**json.loads(metadata["scheme"])), json.loads(metadata["config"]))
+    return QuantizedCheckpoint(params, plan, scheme, _parse_json(path, metadata, "config"))
 
+
+def _dequantize_entry(path: Path, arrays: dict, name: str, shape: tuple[int, ...], level: Level,
+                      axis: int | None) -> np.ndarray:
+    packed, scale, zero_point = (arrays[f"{name}:{k}"] for k in ("codes", "scale", "zero_point"))
+    if np.any(scale < 0):
+        raise _fail(path, f"tensor {name!r} has negative scales")
+    if level == TERNARY and np.any(packed > TRIT_BYTE_MAX):
+        raise _fail(path, f"tensor {name!r} has ternary bytes above {TRIT_BYTE_MAX} (5 trits per byte)")
+    codes = _unpack(packed, level, math.prod(shape)).reshape(shape)
+    bshape = [1] * len(shape)
+    if axis is not None:
+        bshape[axis] = -1
+    return np.asarray(dequantize(codes, scale.reshape(bshape), zero_point.reshape(bshape)))
