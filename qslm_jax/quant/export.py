@@ -30,16 +30,18 @@ from safetensors.numpy import load_file, save_file
 
 from converters.checkpoint_io import check_finite
 from qslm_jax.errors import ConfigError, ConversionError
+from qslm_jax.quant.apply import clip_ratio_table
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of, param_shapes
 from qslm_jax.quant.memory import code_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import (
     FP32,
-    TERNARY,
     Level,
     QuantScheme,
     check_level,
-    dequantize,
+    dequantize_grid,
+    grid_shape,
+    kind_of,
     level_code,
     quant_grid,
 )
@@ -86,15 +88,15 @@ def unpack_trits(packed: np.ndarray, n: int) -> np.ndarray:
     return digits.ravel()[:n].astype(np.uint32)
 
 
-def _pack(codes: np.ndarray, level) -> np.ndarray:
-    return pack_trits(codes) if level == TERNARY else pack_bits(codes, int(level))
+def _pack(codes: np.ndarray, level: Level) -> np.ndarray:
+    return pack_trits(codes) if kind_of(level).packing == "trits" else pack_bits(codes, int(level))
 
 
-def _unpack(packed: np.ndarray, level, n: int) -> np.ndarray:
-    return unpack_trits(packed, n) if level == TERNARY else unpack_bits(packed, int(level), n)
+def _unpack(packed: np.ndarray, level: Level, n: int) -> np.ndarray:
+    return unpack_trits(packed, n) if kind_of(level).packing == "trits" else unpack_bits(packed, int(level), n)
 
 
-_grid = jax.jit(quant_grid, static_argnames=("symmetric", "channel_axis"))
+_grid = jax.jit(quant_grid, static_argnames=("symmetric", "channel_axis", "group_size"))
 
 
 def _config_dict(config: Any) -> Any:
@@ -132,18 +134,19 @@ def export_quantized(model: nnx.Module, plan: QuantPlan, path: str | Path, *, hi
     hierarchy = hierarchy or hierarchy_of(model)
     levels = hierarchy.levels(plan)
     flat = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    clip_ratios = clip_ratio_table(nnx.to_pure_dict(nnx.state(model, nnx.Param)), hierarchy)
     tensors, table = {}, {}
     for info in hierarchy.tensors:
         level, w = levels[info.path], flat[info.path]
-        axis = hierarchy.channel_axis(info)
+        options = hierarchy.quantizer_options(info)
         groups = hierarchy.groups(info, level)
         table[info.name] = {"path": list(info.path), "shape": list(info.shape), "level": level,
-                            "channel_axis": axis if groups > 1 else None}
+                            "channel_axis": options["channel_axis"] if groups > 1 else None}
         if level == FP32:
             tensors[info.name] = np.ascontiguousarray(w, np.float32)
             continue
-        codes, scale, zero_point = _grid(w, level_code(level), symmetric=hierarchy.scheme.symmetric,
-                                         channel_axis=axis)
+        codes, scale, zero_point = _grid(w, level_code(level), **options,
+                                         clip_ratios=None if clip_ratios is None else clip_ratios[info.name])
         tensors[f"{info.name}:codes"] = _pack(np.asarray(codes, np.uint32), level)
         for key, value in (("scale", scale), ("zero_point", zero_point)):
             tensors[f"{info.name}:{key}"] = np.asarray(value, np.float32).ravel()[:groups].copy()
@@ -267,7 +270,12 @@ def _expected_tensors(path: Path, table: Any, scheme: QuantScheme) -> dict[str, 
             expected[name] = ("F32", tuple(shape))
             continue
         numel = math.prod(shape)
-        groups = 1 if axis is None else shape[axis]
+        if axis is not None and kind_of(level).per_tensor:
+            raise _fail(path, f"tensor {name!r} at level {level} has a channel axis, but that level has one scale")
+        try:
+            groups = math.prod(_grid_shape(shape, axis, scheme))
+        except ConfigError as err:
+            raise _fail(path, f"tensor {name!r}: {err}") from err
         expected[f"{name}:codes"] = ("U8", (code_bytes(numel, level),))
         expected[f"{name}:scale"] = expected[f"{name}:zero_point"] = ("F32", (groups,))
     return expected
@@ -323,7 +331,7 @@ def load_quantized(path: str | Path) -> QuantizedCheckpoint:
     params: dict = {}
     for name, entry in table.items():
         shape, level, axis = tuple(entry["shape"]), check_level(entry["level"]), entry["channel_axis"]
-        value = arrays[name] if level == FP32 else _dequantize_entry(path, arrays, name, shape, level, axis)
+        value = arrays[name] if level == FP32 else _dequantize_entry(path, arrays, name, shape, level, axis, scheme)
         node = params
         for key in entry["path"][:-1]:
             node = node.setdefault(key, {})
@@ -332,14 +340,19 @@ def load_quantized(path: str | Path) -> QuantizedCheckpoint:
 
 
 def _dequantize_entry(path: Path, arrays: dict, name: str, shape: tuple[int, ...], level: Level,
-                      axis: int | None) -> np.ndarray:
+                      axis: int | None, scheme: QuantScheme) -> np.ndarray:
     packed, scale, zero_point = (arrays[f"{name}:{k}"] for k in ("codes", "scale", "zero_point"))
     if np.any(scale < 0):
         raise _fail(path, f"tensor {name!r} has negative scales")
-    if level == TERNARY and np.any(packed > TRIT_BYTE_MAX):
+    if kind_of(level).packing == "trits" and np.any(packed > TRIT_BYTE_MAX):
         raise _fail(path, f"tensor {name!r} has ternary bytes above {TRIT_BYTE_MAX} (5 trits per byte)")
     codes = _unpack(packed, level, math.prod(shape)).reshape(shape)
-    bshape = [1] * len(shape)
-    if axis is not None:
-        bshape[axis] = -1
-    return np.asarray(dequantize(codes, scale.reshape(bshape), zero_point.reshape(bshape)))
+    grid = _grid_shape(shape, axis, scheme)
+    group_size = scheme.group_size if axis is not None else None
+    return np.asarray(dequantize_grid(codes, scale.reshape(grid), zero_point.reshape(grid), channel_axis=axis,
+                                      group_size=group_size))
+
+
+def _grid_shape(shape: tuple[int, ...], axis: int | None, scheme: QuantScheme) -> tuple[int, ...]:
+    """Scale grid of an exported tensor: per tensor without a channel axis, else the scheme's groups."""
+    return grid_shape(tuple(shape), axis, scheme.group_size if axis is not None else None)
