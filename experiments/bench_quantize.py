@@ -8,6 +8,10 @@ of uniform, ternary and binary levels, what a search evaluates) and reports, per
   function: machine-independent counts of the work done;
 * the best wall-clock time of ``--repeats`` calls (compilation excluded).
 
+``--scheme``/``--group-size`` choose the quantizer (:class:`~qslm_jax.quant.quantizers.QuantScheme`); under ``mse``
+the one-off clipping table (:func:`~qslm_jax.quant.apply.clip_ratio_table`) is timed separately
+(``calibration_s``, compilation included): it is computed once before a search, not per candidate.
+
 ``scale`` = bytes accessed per candidate / fp32 bytes of the quantized weights: 2 would be one read of the
 weights and one write of the result.
 """
@@ -22,9 +26,10 @@ import numpy as np
 from flax import nnx
 
 from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
-from qslm_jax.quant.apply import quantize_params
+from qslm_jax.quant.apply import clip_ratio_table, quantize_params
 from qslm_jax.quant.hierarchy import Hierarchy, param_shapes
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.quant.quantizers import QuantScheme
 
 MIXED_LEVELS = (8, 1.58, 4, 1, 2, 16, 6, 3)  # one level per candidate, cycled: every quantizer kind occurs
 
@@ -35,16 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", nargs="+", default=["input", "attention_0"],
                         help="blocks whose tensors are quantized (216M: input = 38.6M weights, attention_i = 7.7M)")
     parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4], help="K: candidates per call")
+    parser.add_argument("--scheme", default="minmax", choices=sorted(QuantScheme.PRESETS), help="quantizer")
+    parser.add_argument("--group-size", type=int, default=None, help="inputs per scale group (group-wise)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (best is reported)")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _subset(preset: str, blocks: list[str]) -> tuple[Hierarchy, dict]:
-    """Hierarchy and random fp32 parameters of the tensors of ``blocks`` (shapes of ``preset``)."""
+def _subset(preset: str, blocks: list[str], scheme: QuantScheme) -> tuple[Hierarchy, dict]:
+    """Hierarchy (under ``scheme``) and random fp32 parameters of the tensors of ``blocks`` (shapes of ``preset``)."""
     abstract = nnx.eval_shape(lambda: SpikeGPT(SpikeGPTConfig.preset(preset), rngs=nnx.Rngs(0)))
     full = Hierarchy.from_shapes(param_shapes(abstract))
     shapes = {t.path: t.shape for t in full.tensors if t.block in blocks}
-    hierarchy = Hierarchy.from_shapes(shapes, family=full.family)
+    hierarchy = Hierarchy.from_shapes(shapes, family=full.family, scheme=scheme)
     rng = np.random.default_rng(0)
     params: dict = {}
     for path, shape in shapes.items():
@@ -66,19 +73,23 @@ def _best_seconds(fn, *args, repeats: int) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     """Compile and time the batched quantizer for every K; return per-candidate flops, bytes and seconds."""
-    hierarchy, params = _subset(args.preset, args.blocks)
+    hierarchy, params = _subset(args.preset, args.blocks, QuantScheme.preset(args.scheme, args.group_size))
     quantized_numel = sum(t.numel for t in hierarchy.tensors if hierarchy.quantized(t))
-    fn = jax.jit(lambda p, bits: jax.vmap(lambda b: quantize_params(p, b, hierarchy))(bits))
-    results: dict = {"preset": args.preset, "blocks": args.blocks, "quantized_weights": quantized_numel,
-                     "fp32_bytes_quantized": 4 * quantized_numel, "devices": [str(d) for d in jax.devices()],
-                     "per_K": {}}
+    start = time.perf_counter()
+    clip = jax.block_until_ready(clip_ratio_table(params, hierarchy))
+    calibration_s = time.perf_counter() - start
+    fn = jax.jit(lambda p, c, bits: jax.vmap(lambda b: quantize_params(p, b, hierarchy, c))(bits))
+    results: dict = {"preset": args.preset, "blocks": args.blocks, "scheme": hierarchy.scheme.to_dict(),
+                     "quantized_weights": quantized_numel, "fp32_bytes_quantized": 4 * quantized_numel,
+                     "calibration_s": calibration_s if clip is not None else None,
+                     "devices": [str(d) for d in jax.devices()], "per_K": {}}
     for k in args.candidates:
         plans = [QuantPlan(MIXED_LEVELS[i % len(MIXED_LEVELS)]) for i in range(k)]
         bits = hierarchy.stacked_bits(plans)
-        compiled = fn.lower(params, bits).compile()
+        compiled = fn.lower(params, clip, bits).compile()
         cost, memory = compiled.cost_analysis(), compiled.memory_analysis()
-        jax.block_until_ready(compiled(params, bits))  # warm-up
-        seconds = _best_seconds(compiled, params, bits, repeats=args.repeats)
+        jax.block_until_ready(compiled(params, clip, bits))  # warm-up
+        seconds = _best_seconds(compiled, params, clip, bits, repeats=args.repeats)
         accessed = cost.get("bytes accessed", float("nan")) / k
         results["per_K"][f"K={k}"] = {
             "flops_per_candidate": cost.get("flops", float("nan")) / k,
@@ -88,6 +99,8 @@ def run(args: argparse.Namespace) -> dict:
             "seconds_per_candidate": seconds / k,
             "levels": [str(p.default) for p in plans],
         }
+    if clip is not None:
+        print(f"mse clipping table: {calibration_s:.1f} s once (compilation included)")
     for name, row in results["per_K"].items():
         print(f"{name:>5}: {row['flops_per_candidate'] / 1e6:9.1f} MFLOP, {row['scale']:5.2f} x weight bytes "
               f"accessed, {row['temp_bytes_per_candidate'] / 1e6:8.1f} MB temporaries, "

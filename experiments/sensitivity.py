@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.common import add_model_and_evaluation_arguments, eval_batch_size
+from experiments.common import add_model_and_evaluation_arguments, eval_batch_size, scheme_of
 from qslm_jax.errors import QSLMError
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                                            progress=not args.no_progress)
         settings = QSLMSettings(const_a=args.const_a, const_m_mb=float("inf"), levels=args.levels,
                                 eval_limit=args.eval_limit, eval_batch_size=eval_batch_size(args, task),
-                                chunk_size=args.chunk_size, devices=args.devices)
+                                chunk_size=args.chunk_size, devices=args.devices, scheme=scheme_of(args))
         out = args.out or Path("runs") / f"sensitivity-{Path(args.model).name}-{task.name}"
         ctx = prepare_evaluation(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                                  journal_path=args.journal)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.common import add_model_and_evaluation_arguments, eval_batch_size, parse_levels
+from experiments.common import add_model_and_evaluation_arguments, eval_batch_size, parse_levels, scheme_of
 from qslm_jax.errors import ConfigError, QSLMError
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb, run_qslm
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = QSLMSettings(const_a=const_a, const_m_mb=const_m, levels=args.levels, alpha=args.alpha,
                                 alphas=args.alphas, eval_limit=args.eval_limit,
                                 eval_batch_size=eval_batch_size(args, task),
-                                chunk_size=args.chunk_size, devices=args.devices, case=case)
+                                chunk_size=args.chunk_size, devices=args.devices, case=case,
+                                scheme=scheme_of(args))
         out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
         report, code = run_qslm(model, task, settings, out, model_description=description,
                                 data_dir=args.data_dir, journal_path=args.journal, progress=not args.no_progress)

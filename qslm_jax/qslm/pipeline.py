@@ -48,8 +48,9 @@ from qslm_jax.qslm.search import (
 )
 from qslm_jax.qslm.selection import ALPHAS, NoFeasibleCandidate, alpha_ablation, scored_candidates, select
 from qslm_jax.qslm.tasks import Task, load_task_data
-from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
+from qslm_jax.quant.hierarchy import DEFAULT_SCHEME, Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.quant.quantizers import QuantScheme
 
 MB = 1e6
 PAPER_FP32_MB = 861.597696  # SpikeGPT-216M at fp32 (qslm.md section 2)
@@ -84,6 +85,7 @@ class QSLMSettings:
     chunk_size: int | None = 8
     devices: int | None = None  # number of local devices to shard candidates over (default all)
     case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
+    scheme: QuantScheme = DEFAULT_SCHEME  # quantizer (--scheme, --group-size); in the journal fingerprint
 
 
 def parameter_fingerprint(model: nnx.Module) -> str:
@@ -172,7 +174,7 @@ def prepare_evaluation(model: SpikeGPT, task: Task, settings: QSLMSettings, out:
     not the constraints, so one journal serves every case of a model and task.
     """
     out.mkdir(parents=True, exist_ok=True)
-    hierarchy = hierarchy_of(model)
+    hierarchy = hierarchy_of(model, scheme=settings.scheme)
     data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=settings.eval_batch_size,
                           eval_limit=settings.eval_limit, data_dir=data_dir, with_train=False)
     _check_vocabulary(model, data.eval_batches)
