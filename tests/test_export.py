@@ -86,6 +86,26 @@ def test_mixed_plan_symmetric_and_model_reload(model, tmp_path):
     assert summary.payload_bytes == hierarchy.memory_bytes(plan)
 
 
+SLOW = pytest.mark.slow  # ~15-25 s each on a loaded 2-core CPU (compilation of every tensor shape)
+SCHEMES = [QuantScheme.preset("per-channel", group_size=16), pytest.param(QuantScheme.preset("mse"), marks=SLOW),
+           pytest.param(QuantScheme.preset("mse", group_size=12), marks=SLOW),
+           pytest.param(QuantScheme(symmetric=True, group_size=7, quantize_vectors=True), marks=SLOW)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
+def test_every_scheme_round_trips_bit_exactly(model, tmp_path, scheme):
+    # groups of 16 / 12 / 7 inputs leave a shorter last group in every matrix of CONFIG (40, 160, 101 inputs)
+    hierarchy = hierarchy_of(model, scheme=scheme)
+    plan = (QuantPlan(3).with_block("input", 8).with_block("output", 16).with_module("attention_0/att.key", 1.58)
+            .with_module("attention_1/ffn.value", 1).with_module("attention_1/att.output", 2)
+            .with_module("attention_0/ffn.key", 32))
+    summary = export_quantized(model, plan, tmp_path / "s.safetensors", hierarchy=hierarchy)
+    loaded = load_quantized(summary)
+    _assert_bit_identical(loaded.params, _params(quantize_model(model, plan, hierarchy)))
+    assert summary.payload_bytes == summary.memory_bytes == hierarchy.memory_bytes(plan)
+    assert loaded.scheme == scheme and loaded.plan == plan
+
+
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_pack_bits_round_trip(bits):
     codes = np.random.default_rng(bits).integers(0, 2**bits, 1003).astype(np.uint32)

@@ -283,12 +283,18 @@ def _grid_of(w: jax.Array, stats: _Stats, code: jax.Array, ratio: jax.Array | No
     divisor = jnp.where(is_ternary, stats.absmean + TERNARY_EPS, scale_u)
     qmax = jnp.where(is_ternary, 2.0, qmax_u)
 
+    rounded = _affine_codes(w, divisor, zero_point, qmax, channel_axis, group_size)
+    codes = jnp.where(is_binary, (w - stats.mean > 0).astype(jnp.float32), rounded)
+    return codes, scale, zero_point
+
+
+def _affine_codes(w: jax.Array, divisor: jax.Array, zero_point: jax.Array, qmax: jax.Array,
+                  channel_axis: int | None, group_size: int | None) -> jax.Array:
+    """``clip(round(W / d) + zp, 0, qmax)`` with per-group ``d`` and ``zp`` expanded to ``w``."""
     def expand(grid):
         return expand_grid(grid, w.shape, channel_axis, group_size)
 
-    rounded = jnp.clip(jnp.round(w / expand(divisor)) + expand(zero_point), 0.0, qmax)
-    codes = jnp.where(is_binary, (w - stats.mean > 0).astype(jnp.float32), rounded)
-    return codes, scale, zero_point
+    return jnp.clip(jnp.round(w / expand(divisor)) + expand(zero_point), 0.0, qmax)
 
 
 def quant_grid(w: jax.Array, code: jax.Array, *, symmetric: bool = False, channel_axis: int | None = None,
@@ -362,8 +368,10 @@ def mse_clip_ratios(w: jax.Array, *, symmetric: bool = False, channel_axis: int 
 
     def error(pair):
         b, r = pair
-        grid = _grid_of(w, stats, b, r, symmetric=symmetric, channel_axis=channel_axis, group_size=group_size)
-        return jnp.sum(jnp.square(w - dequantize_grid(*grid, channel_axis=channel_axis, group_size=group_size)))
+        scale, zero_point, qmax = _uniform_params(stats, b, symmetric, r)
+        codes = _affine_codes(w, scale, zero_point, qmax, channel_axis, group_size)
+        wq = dequantize_grid(codes, scale, zero_point, channel_axis=channel_axis, group_size=group_size)
+        return jnp.sum(jnp.square(w - wq))
 
     errors = jax.lax.map(error, (bits, ratios)).reshape(len(UNIFORM_BITS), len(MSE_CLIP_RATIOS))
     best = jnp.asarray(MSE_CLIP_RATIOS, jnp.float32)[jnp.argmin(errors, axis=1)]
