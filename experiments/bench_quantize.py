@@ -13,7 +13,8 @@ the one-off clipping table (:func:`~qslm_jax.quant.apply.clip_ratio_table`) is t
 (``calibration_s``, compilation included): it is computed once before a search, not per candidate.
 
 ``scale`` = bytes accessed per candidate / fp32 bytes of the quantized weights: 2 would be one read of the
-weights and one write of the result.
+weights and one write of the result. ``relative_error`` (per candidate level) is ``sum ||W - Wq||^2 / sum ||W||^2``
+over the quantized tensors (random Gaussian weights: a proxy, trained weights have heavier tails).
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def _best_seconds(fn, *args, repeats: int) -> float:
     return min(times)
 
 
+def _relative_errors(hierarchy: Hierarchy, params: dict, quantized: dict) -> list[float]:
+    """Per candidate: ``sum ||W - Wq||^2 / sum ||W||^2`` over the tensors the scheme quantizes."""
+    num, den = 0.0, 0.0
+    for info in hierarchy.tensors:
+        if hierarchy.quantized(info):
+            w, wq = params, quantized
+            for key in info.path:
+                w, wq = w[key], wq[key]
+            num = num + np.sum(np.square(np.asarray(wq, np.float64) - w), axis=tuple(range(1, wq.ndim)))
+            den += float(np.sum(np.square(w, dtype=np.float64)))
+    return [float(e) for e in num / den]
+
+
 def run(args: argparse.Namespace) -> dict:
     """Compile and time the batched quantizer for every K; return per-candidate flops, bytes and seconds."""
     hierarchy, params = _subset(args.preset, args.blocks, QuantScheme.preset(args.scheme, args.group_size))
@@ -88,8 +102,9 @@ def run(args: argparse.Namespace) -> dict:
         bits = hierarchy.stacked_bits(plans)
         compiled = fn.lower(params, clip, bits).compile()
         cost, memory = compiled.cost_analysis(), compiled.memory_analysis()
-        jax.block_until_ready(compiled(params, clip, bits))  # warm-up
+        quantized = jax.block_until_ready(compiled(params, clip, bits))  # warm-up
         seconds = _best_seconds(compiled, params, clip, bits, repeats=args.repeats)
+        errors = _relative_errors(hierarchy, params, quantized)
         accessed = cost.get("bytes accessed", float("nan")) / k
         results["per_K"][f"K={k}"] = {
             "flops_per_candidate": cost.get("flops", float("nan")) / k,
@@ -97,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
             "scale": accessed / (4 * quantized_numel),
             "temp_bytes_per_candidate": memory.temp_size_in_bytes / k,
             "seconds_per_candidate": seconds / k,
-            "levels": [str(p.default) for p in plans],
+            "relative_error": dict(zip([str(p.default) for p in plans], errors, strict=True)),
         }
     if clip is not None:
         print(f"mse clipping table: {calibration_s:.1f} s once (compilation included)")

@@ -45,7 +45,9 @@ TERNARY = 1.58
 UNIFORM_BITS = tuple(range(2, 17))
 LEVELS = (FP32, *reversed(UNIFORM_BITS), TERNARY, BINARY)
 TERNARY_EPS = 1e-5
-MSE_CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # candidate clipping ratios of the mse scheme
+# candidate clipping ratios of the mse scheme: steps of 0.025 down to 0.5, then of 0.05 down to 0.2 (2-bit grids
+# of large Gaussian-like tensors clip to a third of the range)
+MSE_CLIP_RATIOS = (*(round(1.0 - 0.025 * i, 3) for i in range(21)), *(round(0.45 - 0.05 * i, 2) for i in range(6)))
 
 Level = int | float
 
@@ -208,19 +210,26 @@ def expand_grid(grid: jax.Array, shape: tuple[int, ...], channel_axis: int | Non
     return jax.lax.slice_in_dim(repeated, 0, shape[axis], axis=axis)
 
 
+def _group_view(w: jax.Array, channel_axis: int, group_size: int) -> tuple[jax.Array, int]:
+    """``w`` with its input axis ``g`` padded to whole groups and split into ``(groups, G)``; returns the view and
+    the axis of the elements of a group (``g + 1``). Padding repeats the last input, so a short last group keeps
+    its min and max."""
+    axis = _input_axis(w.ndim, channel_axis)
+    groups = -(-w.shape[axis] // group_size)
+    pad = [(0, 0)] * w.ndim
+    pad[axis] = (0, groups * group_size - w.shape[axis])
+    split = (*w.shape[:axis], groups, group_size, *w.shape[axis + 1:])
+    return jnp.pad(w, pad, mode="edge").reshape(split), axis + 1
+
+
 def _group_reduce(reduce, w: jax.Array, channel_axis: int | None, group_size: int | None) -> jax.Array:
     """``reduce`` (``jnp.min``/``jnp.max``) over every scale group, shaped as :func:`grid_shape`."""
     if channel_axis is None:
         return reduce(w, keepdims=True)
     if group_size is None:
         return reduce(w, axis=tuple(a for a in range(w.ndim) if a != channel_axis % w.ndim), keepdims=True)
-    axis = _input_axis(w.ndim, channel_axis)
-    groups = -(-w.shape[axis] // group_size)
-    pad = [(0, 0)] * w.ndim
-    pad[axis] = (0, groups * group_size - w.shape[axis])
-    padded = jnp.pad(w, pad, mode="edge")  # repeats the last input: a short last group keeps its min and max
-    split = (*w.shape[:axis], groups, group_size, *w.shape[axis + 1:])
-    return reduce(padded.reshape(split), axis=axis + 1)
+    view, member_axis = _group_view(w, channel_axis, group_size)
+    return reduce(view, axis=member_axis)
 
 
 @dataclass(frozen=True)
@@ -365,13 +374,23 @@ def mse_clip_ratios(w: jax.Array, *, symmetric: bool = False, channel_axis: int 
     stats = _stats(w, symmetric, channel_axis, group_size)
     bits = jnp.repeat(jnp.asarray(UNIFORM_BITS, jnp.int32), len(MSE_CLIP_RATIOS))
     ratios = jnp.tile(jnp.asarray(MSE_CLIP_RATIOS, jnp.float32), len(UNIFORM_BITS))
+    # grouped: work on the split view (the scale grid broadcasts against it; no per-iteration repeat) and leave
+    # the padding out of the error
+    view, weight, expand = w, 1.0, (lambda grid: grid)
+    if channel_axis is not None and group_size is not None:
+        view, member_axis = _group_view(w, channel_axis, group_size)
+        position = jnp.arange(view.shape[member_axis - 1])[:, None] * group_size + jnp.arange(group_size)
+        weight = (position < w.shape[member_axis - 1]).astype(jnp.float32).reshape(
+            [d if a in (member_axis - 1, member_axis) else 1 for a, d in enumerate(view.shape)])
+
+        def expand(grid):
+            return jnp.expand_dims(grid, member_axis)
 
     def error(pair):
         b, r = pair
         scale, zero_point, qmax = _uniform_params(stats, b, symmetric, r)
-        codes = _affine_codes(w, scale, zero_point, qmax, channel_axis, group_size)
-        wq = dequantize_grid(codes, scale, zero_point, channel_axis=channel_axis, group_size=group_size)
-        return jnp.sum(jnp.square(w - wq))
+        codes = jnp.clip(jnp.round(view / expand(scale)) + expand(zero_point), 0.0, qmax)
+        return jnp.sum(weight * jnp.square(view - dequantize(codes, expand(scale), expand(zero_point))))
 
     errors = jax.lax.map(error, (bits, ratios)).reshape(len(UNIFORM_BITS), len(MSE_CLIP_RATIOS))
     best = jnp.asarray(MSE_CLIP_RATIOS, jnp.float32)[jnp.argmin(errors, axis=1)]
