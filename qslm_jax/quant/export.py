@@ -2,9 +2,14 @@
 
 For every tensor at a quantized level the file holds ``<name>:codes`` (uint8, the codes packed to the real width:
 b-bit codes bit-packed little-endian, so 4-bit codes two per byte and binary 8 per byte; ternary 5 trits per byte in
-base 3), ``<name>:scale`` and ``<name>:zero_point`` (float32, one per scale group). fp32 tensors are stored as they
-are under ``<name>``. The safetensors metadata holds the format tag, the plan, the scheme, the model config and
-every tensor's path, shape, level and channel axis as JSON.
+base 3), ``<name>:scale`` and ``<name>:zero_point`` (float32, one per scale group, in the row-major order of the
+scale grid :func:`~qslm_jax.quant.quantizers.grid_shape`). fp32 tensors are stored as they are under ``<name>``.
+The safetensors metadata holds the format tag, the plan, the scheme, the model config, every tensor's path, shape,
+level and channel axis as JSON, and the SHA-256 of the tensors (:func:`payload_digest`).
+
+:func:`load_quantized` trusts nothing of this before checking it against the file (header, table, checksum,
+finiteness), so a corrupt, truncated or forged file is a :class:`~qslm_jax.errors.ConversionError`, never an
+out-of-memory or silently wrong weights.
 
 Reloading dequantizes with the same formula as the fake-quant path, ``(codes - zp) * scale`` in float32, so the
 weights are bit-identical to :func:`~qslm_jax.quant.apply.quantize_model`; the payload is exactly the bytes that
