@@ -20,7 +20,7 @@ from qslm_jax.errors import ConfigError, QSLMError
 from qslm_jax.models.spikegpt import PRESETS
 from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
 from qslm_jax.qslm.pipeline import DEFAULT_LEVELS, SELECTION_SPLITS, QSLMSettings
-from qslm_jax.quant.quantizers import check_level
+from qslm_jax.quant.quantizers import QuantScheme, check_level
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
@@ -123,6 +123,12 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
     p.add_argument("--levels", type=parse_levels, default=DEFAULT_LEVELS, help="precision levels Q, descending; "
                    "1.58 = ternary, 1 = binary")
+    p.add_argument("--scheme", default="minmax", choices=("minmax", "symmetric", "per-channel", "mse"),
+                   help="uniform quantizer: asymmetric per-tensor min-max (the paper's default), symmetric "
+                        "(max|W|), per-channel (a scale per output channel) or mse (min-max range clipped to "
+                        "minimise each tensor's quantization error)")
+    p.add_argument("--group-size", type=int, default=None, help="a scale and zero-point per G consecutive "
+                   "inputs of each output channel (group-wise; combines with --scheme)")
     p.add_argument("--init", choices=("trained", "random"), default="trained",
                    help="random: random weights, no training (pipeline checks)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples / tokens")
@@ -142,6 +148,11 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
                    "(default $QSLM_CACHE_DIR or ~/.cache/qslm_jax)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--init random) and new heads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def scheme_of(args) -> QuantScheme:
+    """The :class:`QuantScheme` of ``--scheme`` and ``--group-size``."""
+    return QuantScheme.preset(args.scheme, group_size=args.group_size)
 
 
 def eval_batch_size(args, task) -> int:

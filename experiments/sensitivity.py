@@ -18,6 +18,7 @@ from experiments.common import (
     eval_batch_size,
     finite_float,
     run_main,
+    scheme_of,
 )
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
@@ -50,7 +51,8 @@ def _run(args) -> int:
                                        progress=not args.no_progress)
     settings = QSLMSettings(const_a=args.const_a, const_m_mb=float("inf"), levels=args.levels,
                             eval_limit=args.eval_limit, eval_batch_size=eval_batch_size(args, task),
-                            chunk_size=args.chunk_size, devices=args.devices, selection_split=args.selection_split)
+                            chunk_size=args.chunk_size, devices=args.devices, selection_split=args.selection_split,
+                            scheme=scheme_of(args))
     out = args.out or Path("runs") / f"sensitivity-{Path(args.model).name}-{task.name}"
     ctx = prepare_evaluation(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                              journal_path=args.journal)

@@ -24,6 +24,7 @@ from experiments.common import (
     finite_float,
     parse_levels,
     run_main,
+    scheme_of,
 )
 from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.models import load_for_task
@@ -90,7 +91,8 @@ def _run(args) -> int:
     settings = QSLMSettings(const_a=const_a, const_m_mb=const_m, levels=args.levels, alpha=args.alpha,
                             alphas=args.alphas, eval_limit=args.eval_limit,
                             eval_batch_size=eval_batch_size(args, task), chunk_size=args.chunk_size,
-                            devices=args.devices, case=case, selection_split=args.selection_split)
+                            devices=args.devices, case=case, selection_split=args.selection_split,
+                            scheme=scheme_of(args))
     out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
     report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                             journal_path=args.journal, progress=not args.no_progress)

@@ -14,7 +14,7 @@ from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.quant.quantizers import TERNARY_CODE, QuantScheme
+from qslm_jax.quant.quantizers import TERNARY, QuantScheme, level_code
 
 SPIKEGPT_MODULES = ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.value", "ffn.receptance")
 
@@ -85,7 +85,7 @@ def test_bits_tree_matches_state_structure_and_precedence(tiny):
     assert jax.tree.structure(bits) == jax.tree.structure(params)
     assert all(leaf.dtype == np.int32 and leaf.shape == () for leaf in jax.tree.leaves(bits))
     assert bits["emb"]["embedding"] == 8
-    assert bits["blocks"][1]["att"]["key"]["kernel"] == TERNARY_CODE
+    assert bits["blocks"][1]["att"]["key"]["kernel"] == level_code(TERNARY)
     assert bits["blocks"][1]["att"]["value"]["kernel"] == 4
     assert bits["blocks"][0]["ffn"]["value"]["kernel"] == 8
     assert bits["blocks"][1]["ln1"]["scale"] == 32  # vectors stay fp32 by default

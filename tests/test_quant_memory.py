@@ -47,6 +47,18 @@ def test_per_channel_adds_a_scale_per_output_row(h216):
     assert per_channel.memory_bytes(QuantPlan(8)) == MATRIX_NUMEL + 8 * rows + 4 * VECTOR_NUMEL == 217_775_184
 
 
+@pytest.mark.parametrize("group_size", [128, 100])
+def test_group_wise_scales_per_run_of_inputs(h216, group_size):
+    # a scale per output channel and run of G inputs: kernels (in, out) ceil(in/G) * out, emb (V, C) V ceil(C/G)
+    g = -(-C // group_size)
+    per_block = 4 * g * C + g * 4 * C + g * C + -(-4 * C // group_size) * C  # att, ffn.key/receptance/value
+    groups = 2 * g * V + L * per_block
+    grouped = h216.with_scheme(QuantScheme.preset("minmax", group_size=group_size))
+    assert grouped.memory_bytes(QuantPlan(4)) == MATRIX_NUMEL // 2 + 8 * groups + 4 * VECTOR_NUMEL
+    # binary and ternary keep one scale per tensor
+    assert grouped.memory_bytes(QuantPlan(1)) == h216.memory_bytes(QuantPlan(1))
+
+
 def test_units_sum_to_total_and_vectors_option(h216):
     plan = QuantPlan(16).with_block("input", 8).with_module("attention_4/ffn.key", 2)
     report = memory_report(h216, plan)

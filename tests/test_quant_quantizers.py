@@ -12,17 +12,19 @@ from hypothesis.extra.numpy import arrays
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.quant.quantizers import (
+    BINARY,
+    FP32,
+    KINDS,
+    LEVELS,
     TERNARY,
-    TERNARY_CODE,
     QuantScheme,
     binary_quantize,
     check_level,
     fake_quantize,
+    kind_of,
     level_code,
     quant_grid,
     ternary_quantize,
-    uniform_params,
-    uniform_quantize,
 )
 
 SHAPE = (6, 10)  # fixed, so the jitted quantizers compile once per (symmetric, axis)
@@ -32,7 +34,8 @@ uniform_bits = st.integers(2, 16)
 layouts = st.sampled_from([(False, None), (True, None), (False, 1), (True, 1), (False, 0)])
 
 _fake = jax.jit(fake_quantize, static_argnames=("symmetric", "channel_axis"))
-_params = jax.jit(uniform_params, static_argnames=("symmetric", "channel_axis"))
+_grid = jax.jit(quant_grid, static_argnames=("symmetric", "channel_axis", "group_size"))
+TERNARY_CODE = level_code(TERNARY)
 
 
 def _groups(x: np.ndarray, axis: int | None) -> list[np.ndarray]:
@@ -50,7 +53,7 @@ def _fp32_slack(w: np.ndarray) -> float:
 def test_uniform_properties(w, bits, layout):
     symmetric, axis = layout
     wq = np.asarray(_fake(w, bits, symmetric=symmetric, channel_axis=axis))
-    scale, zp, _ = (np.asarray(a) for a in _params(w, bits, symmetric=symmetric, channel_axis=axis))
+    _, scale, zp = (np.asarray(a) for a in _grid(w, bits, symmetric=symmetric, channel_axis=axis))
     for group in _groups(wq, axis):
         assert len(np.unique(group)) <= 2**bits
     # inside the range every value is within half a step of its grid point
@@ -176,7 +179,8 @@ def test_vmap_over_levels_equals_separate_calls():
 
 
 @pytest.mark.parametrize("fn", [lambda w: fake_quantize(w, 4), lambda w: fake_quantize(w, 32),
-                                lambda w: uniform_quantize(w, 3, symmetric=True, channel_axis=1),
+                                lambda w: fake_quantize(w, 3, symmetric=True, channel_axis=1),
+                                lambda w: fake_quantize(w, 3, channel_axis=1, group_size=2),
                                 binary_quantize, ternary_quantize])
 def test_straight_through_gradient_is_identity(fn):
     w = jax.random.normal(jax.random.key(0), (4, 5))
@@ -205,8 +209,16 @@ def test_level_normalisation():
     assert level_code(1.58) == TERNARY_CODE and level_code(32) == 32
 
 
+def test_kinds_table_covers_every_level_once():
+    assert sorted(level for kind in KINDS for level in kind.levels) == sorted(LEVELS)
+    codes = [level_code(level) for level in LEVELS]
+    assert len(set(codes)) == len(LEVELS)  # every level has its own code
+    assert kind_of(8).name == "uniform" and kind_of(TERNARY).packing == "trits" and kind_of(BINARY).per_tensor
+    assert level_code(FP32) == 32 and level_code(8) == 8
+
+
 def test_scheme_presets():
     assert QuantScheme.preset("minmax") == QuantScheme()
-    assert QuantScheme.preset("per_channel").per_channel
+    assert QuantScheme.preset("per_channel").per_channel and QuantScheme.preset("per-channel").per_channel
     with pytest.raises(ConfigError, match="unknown quantization scheme"):
         QuantScheme.preset("nope")

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from qslm_jax.errors import ConfigError, DataError
 from qslm_jax.qslm.metrics import Metric
-from qslm_jax.quant.apply import quantize_params
+from qslm_jax.quant.apply import clip_ratio_table, quantize_params
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
 
@@ -71,15 +71,16 @@ class Evaluator:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self._graphdef = graphdef
         self._params = jax.device_put(nnx.to_pure_dict(params), self._replicated)
+        self._clip = jax.device_put(clip_ratio_table(self._params, self.hierarchy), self._replicated)  # mse scheme
         self._rest = jax.device_put(rest, self._replicated)
         self._fn = jax.jit(self._candidate_stats, out_shardings=self._sharded)
         self._chunk_by_shape: dict[Any, int] = {}
 
-    def _candidate_stats(self, params: dict, rest: Any, bits: dict, batches: dict) -> dict:
+    def _candidate_stats(self, params: dict, clip: Any, rest: Any, bits: dict, batches: dict) -> dict:
         """Per-candidate, per-batch statistics ``(K, n_batches)`` of the plans whose stacked bits are ``bits``."""
 
         def one(bits_k):
-            quantized = quantize_params(params, bits_k, self.hierarchy)
+            quantized = quantize_params(params, bits_k, self.hierarchy, clip)
 
             def body(carry, batch):
                 model = nnx.merge(self._graphdef, quantized, rest)
@@ -110,7 +111,8 @@ class Evaluator:
         key = tuple(sorted((k, v.shape) for k, v in batches.items()))
         if key not in self._chunk_by_shape:
             one = self.hierarchy.stacked_bits([QuantPlan()])
-            compiled = jax.jit(self._candidate_stats).lower(self._params, self._rest, one, batches).compile()
+            lowered = jax.jit(self._candidate_stats).lower(self._params, self._clip, self._rest, one, batches)
+            compiled = lowered.compile()
             analysis = compiled.memory_analysis()
             fixed = analysis.argument_size_in_bytes  # parameters, batches (replicated on every device)
             per_candidate = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
@@ -133,7 +135,7 @@ class Evaluator:
         totals: list[dict[str, float]] = []
         for start in range(0, len(padded), chunk):
             bits = jax.device_put(self.hierarchy.stacked_bits(padded[start:start + chunk]), self._sharded)
-            out = jax.device_get(self._fn(self._params, self._rest, bits, stacked))
+            out = jax.device_get(self._fn(self._params, self._clip, self._rest, bits, stacked))
             sums = {k: np.asarray(v, np.float64).sum(axis=1) for k, v in out.items()}
             totals.extend({k: float(v[i]) for k, v in sums.items()} for i in range(chunk))
         return totals[:len(plans)]

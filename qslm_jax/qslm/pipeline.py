@@ -57,8 +57,9 @@ from qslm_jax.qslm.search import (
 )
 from qslm_jax.qslm.selection import ALPHAS, NoFeasibleCandidate, alpha_ablation, scored_candidates, select
 from qslm_jax.qslm.tasks import Task, load_task_data
-from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
+from qslm_jax.quant.hierarchy import DEFAULT_SCHEME, Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.quant.quantizers import QuantScheme
 
 log = logging.getLogger(__name__)
 MB = 1e6
@@ -96,6 +97,7 @@ class QSLMSettings:
     devices: int | None = None  # number of local devices to shard candidates over (default all)
     case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
     selection_split: str = "held-out"  # "held-out": choose on the selection split, report on another; "same"
+    scheme: QuantScheme = DEFAULT_SCHEME  # quantizer (--scheme, --group-size); in the journal fingerprint
 
     def __post_init__(self):
         def finite(x) -> bool:
@@ -231,7 +233,7 @@ def prepare_evaluation(model: SpikeGPT, task: Task, settings: QSLMSettings, out:
     """
     split = split or settings.search_split
     out.mkdir(parents=True, exist_ok=True)
-    hierarchy = evaluator.hierarchy if evaluator is not None else hierarchy_of(model)
+    hierarchy = evaluator.hierarchy if evaluator is not None else hierarchy_of(model, scheme=settings.scheme)
     data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=settings.eval_batch_size,
                           eval_limit=settings.eval_limit, data_dir=data_dir, with_train=False, eval_split=split)
     check_vocabulary(model, data.eval_batches)

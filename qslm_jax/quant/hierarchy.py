@@ -18,6 +18,7 @@ embeddings, head, classifier); other tensors are vectors, fp32 unless the scheme
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,7 +29,7 @@ from flax import nnx
 from qslm_jax.errors import ConfigError
 from qslm_jax.quant.memory import memory_report, tensor_bytes
 from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.quant.quantizers import BINARY, FP32, TERNARY, Level, QuantScheme, level_code
+from qslm_jax.quant.quantizers import FP32, Level, QuantScheme, grid_shape, kind_of, level_code
 
 Path = tuple[str | int, ...]
 DEFAULT_SCHEME = QuantScheme()  # asymmetric min-max, per tensor, vectors fp32
@@ -257,15 +258,21 @@ class Hierarchy:
         return {t.path: self.level_of(t, plan) for t in self.tensors}
 
     def channel_axis(self, info: TensorInfo) -> int | None:
-        """Axis of per-channel scales under this scheme (``None``: per-tensor)."""
-        return info.channel_axis if self.scheme.per_channel and info.matrix else None
+        """Axis of per-channel (or per-group) scales under this scheme (``None``: per-tensor)."""
+        return info.channel_axis if self.scheme.channelwise and info.matrix else None
+
+    def quantizer_options(self, info: TensorInfo) -> dict:
+        """The static keyword arguments of :func:`~qslm_jax.quant.quantizers.fake_quantize` for this tensor."""
+        axis = self.channel_axis(info)
+        return {"symmetric": self.scheme.symmetric, "channel_axis": axis,
+                "group_size": self.scheme.group_size if axis is not None else None}
 
     def groups(self, info: TensorInfo, level: Level) -> int:
         """Number of scale/zero-point groups of a tensor at ``level`` (binary/ternary are always per tensor)."""
-        axis = self.channel_axis(info)
-        if axis is None or level in (BINARY, TERNARY):
+        if kind_of(level).per_tensor:
             return 1
-        return info.shape[axis]
+        options = self.quantizer_options(info)
+        return math.prod(grid_shape(info.shape, options["channel_axis"], options["group_size"]))
 
     def bits_tree(self, plan: QuantPlan) -> dict:
         """Nested dict of int32 level codes with the structure of ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``."""

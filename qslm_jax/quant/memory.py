@@ -4,7 +4,8 @@ Bytes of one tensor at level q:
 
 * q = 32 (fp32, including every 1-D tensor that is not quantized): ``4 * numel``;
 * q in 2..16 and q = 1: ``ceil(numel * q / 8)`` (codes bit-packed) plus 8 bytes (fp32 scale + fp32 zero-point)
-  per scale group (1 group per tensor, or one per output channel with per-channel scales);
+  per scale group (1 group per tensor, one per output channel with per-channel scales, or one per run of ``G``
+  inputs of each output channel with group-wise scales; binary and ternary always 1);
 * q = 1.58 (ternary): ``ceil(numel / 5)`` (5 trits per byte) plus 8 bytes.
 
 This is exactly the payload that :mod:`qslm_jax.quant.export` writes. MB are 10^6 bytes (the paper's budgets).
@@ -16,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qslm_jax.errors import ConfigError
 from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.quant.quantizers import FP32, TERNARY, Level, check_level
+from qslm_jax.quant.quantizers import FP32, Level, check_level, kind_of
 
 if TYPE_CHECKING:
     from qslm_jax.quant.hierarchy import Hierarchy
@@ -28,9 +30,11 @@ GROUP_BYTES = 8  # fp32 scale + fp32 zero-point
 
 def code_bytes(numel: int, level: Level) -> int:
     """Bytes of the packed integer codes of ``numel`` elements at a quantized ``level`` (not 32)."""
-    level = check_level(level)
-    if level == TERNARY:
+    kind = kind_of(level)
+    if kind.packing == "trits":
         return -(-numel // 5)
+    if kind.packing != "bits":
+        raise ConfigError(f"level {level} is stored as fp32 (4 bytes per element), not as packed codes")
     return -(-numel * int(level) // 8)
 
 
