@@ -99,6 +99,7 @@ def check_search_arguments(args, *, const_a: float | None = None) -> None:
     problems): the same rules as :class:`QSLMSettings`, plus levels, the budget flags and the device count."""
     for q in args.levels:
         check_level(q)
+    scheme_of(args)
     const_m_frac = getattr(args, "const_m_frac", None)
     if const_m_frac is not None and not const_m_frac > 0:
         raise ConfigError(f"--const-m-frac must be > 0 (a fraction of the fp32 size), found {const_m_frac}")
