@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -397,15 +398,20 @@ def run(argv: list[str] | None = None) -> dict:
     return _report(args, out, data, teacher, teacher_source, student, layer_map, stages)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: :func:`run`; a library error prints ``error: <message>`` and returns 1 (argparse's
-    usage errors exit with 2)."""
+def exit_status(run_fn: Callable[[list[str] | None], Any], argv: list[str] | None) -> int:
+    """``run_fn(argv)`` as a command: 0 when it returns; a library error (:class:`QSLMError`) prints
+    ``error: <message>`` to stderr and gives 1 (argparse's usage errors still exit with 2)."""
     try:
-        run(argv)
+        run_fn(argv)
     except QSLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: :func:`run` with library errors as ``error: ...`` and exit status 1."""
+    return exit_status(run, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from experiments.extreme_kd import exit_status
 from qslm_jax.equilibrium.memory import METHODS, format_memory_table, memory_vs_T
-from qslm_jax.errors import ConfigError, QSLMError
+from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERTConfig
 from qslm_jax.qslm.report import write_json
 
@@ -97,13 +98,8 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: :func:`run`; a library error prints ``error: <message>`` and returns 1."""
-    try:
-        run(argv)
-    except QSLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """Command-line entry: :func:`run` with library errors as ``error: ...`` and exit status 1."""
+    return exit_status(run, argv)
 
 
 if __name__ == "__main__":
