@@ -182,8 +182,8 @@ def _check_run_settings(args, out: Path) -> None:
             raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another "
                               "--out")
         saved = json.loads(path.read_text())
-        defaults = build_parser()  # a flag added after the run was saved counts with its default
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k, defaults.get_default(k)) != v}
+        parser = build_parser()  # a flag added after the run was saved counts with its default
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k, parser.get_default(k)) != v}
         if changed:
             raise ConfigError(f"--resume with settings that differ from the run in {out} (saved, given): "
                               f"{changed}; resume with the original flags or use another --out")
