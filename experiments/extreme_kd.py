@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback", action="store_true",
                    help="close the feedback connection (last layer's spikes -> embedding neuron through an H x H "
                    "Linear) and train through its implicit fixed point (adjoint solve each step)")
-    p.add_argument("--feedback-scale", type=float, default=0.1,
+    p.add_argument("--feedback-scale", type=float, default=0.0,
                    help="with --feedback: the fresh feedback kernel is this times its LeCun-normal "
-                   "initialisation (small keeps the feedback map contractive)")
+                   "initialisation (0: the loop starts open and W_fb is learned; the teacher-initialised "
+                   "4-block student's feedback map is already expansive at 0.01)")
     p.add_argument("--feedback-solver", choices=sorted(SOLVERS), default="anderson",
                    help="with --feedback: fixed-point solver of the feedback equilibrium and its adjoint")
     p.add_argument("--feedback-tol", type=float, default=1e-5,
