@@ -12,11 +12,13 @@ checkpoints in ``OUT/checkpoints/<stage>``:
 
 The student is a SpikingBERT (IF neurons, T steps) initialised from the teacher (``--init teacher``) or at
 random, trained by implicit differentiation (no BPTT), with its encoder Linear kernels binarised (``--bits
-1``) or ternarised (``--bits 1.58``) through a straight-through estimator. ``OUT/results.json`` holds dev
-accuracy (and F1 for MRPC), the average spike rate of every neuron layer, the model size in bits and an
-operation / energy estimate; ``OUT/curve_<stage>.png`` the training curves. An interrupted run (or
-``--stop-after``) continues with the same command plus ``--resume`` and ends with the same result as an
-uninterrupted one.
+1``) or ternarised (``--bits 1.58``) through a straight-through estimator. With ``--feedback`` the student's
+feedback connection (last layer -> embedding neuron) is closed and trained through the implicit fixed point
+of the feedback loop (an adjoint solve per step; its iterations and residuals go into results.json).
+``OUT/results.json`` holds dev accuracy (and F1 for MRPC), the average spike rate of every neuron layer, the
+model size in bits and an operation / energy estimate; ``OUT/curve_<stage>.png`` the training curves. An
+interrupted run (or ``--stop-after``) continues with the same command plus ``--resume`` and ends with the
+same result as an uninterrupted one. Invalid flags or data end with ``error: ...`` and exit status 1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,11 @@ from flax import nnx
 
 from converters.bert import load_bert, save_bert
 from converters.spikingbert import spikingbert_from_bert
+from experiments.common import exit_status
 from qslm_jax.data import bert_tokenizer
+from qslm_jax.equilibrium.implicit import SolveLog, fixed_point
 from qslm_jax.equilibrium.kd import LayerMap
+from qslm_jax.equilibrium.solvers import SOLVERS
 from qslm_jax.equilibrium.train import (
     KDObjective,
     TaskData,
@@ -68,15 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (defaults sized for a CPU)."""
     p = argparse.ArgumentParser(prog="python -m experiments.extreme_kd", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=("sst2", "mrpc", "qnli"), default="sst2")
+    p.add_argument("--task", choices=("sst2", "mrpc", "qnli"), default="sst2", help="GLUE task")
     p.add_argument("--bits", type=float, choices=(32, 1.58, 1), default=1.58,
                    help="weight precision of the student's encoder Linear layers")
     teacher = p.add_mutually_exclusive_group(required=True)
     teacher.add_argument("--teacher", type=Path, help="HF BERT classifier fine-tuned on the task (load_bert)")
     teacher.add_argument("--train-teacher", action="store_true", help="train a small BERT teacher here")
     p.add_argument("--teacher-layers", type=int, default=4, help="layers of the teacher trained here")
-    p.add_argument("--teacher-steps", type=int, default=2000)
-    p.add_argument("--teacher-lr", type=float, default=5e-4)
+    p.add_argument("--teacher-steps", type=int, default=2000, help="optimizer steps of the teacher trained here")
+    p.add_argument("--teacher-lr", type=float, default=5e-4, help="peak learning rate of the teacher trained here")
     p.add_argument("--init", choices=("teacher", "random"), default="teacher",
                    help="student initialisation: the teacher's embeddings and uniformly chosen layers, "
                    "or random")
@@ -90,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-at", choices=GRADIENT_POINTS[::-1], default="equilibrium",
                    help="where the surrogate is linearised: at the SNN's equilibrium rates of every layer, or "
                    "along the surrogate's own forward pass (the reference; learns poorly at small T)")
+    p.add_argument("--feedback", action="store_true",
+                   help="close the feedback connection (last layer's spikes -> embedding neuron through an H x H "
+                   "Linear) and train through its implicit fixed point (adjoint solve each step)")
+    p.add_argument("--feedback-scale", type=float, default=0.0,
+                   help="with --feedback: the fresh feedback kernel is this times its LeCun-normal "
+                   "initialisation (0: the loop starts open and W_fb is learned; the teacher-initialised "
+                   "4-block student's feedback map is already expansive at 0.01)")
+    p.add_argument("--feedback-solver", choices=sorted(SOLVERS), default="anderson",
+                   help="with --feedback: fixed-point solver of the feedback equilibrium and its adjoint")
+    p.add_argument("--feedback-tol", type=float, default=1e-5,
+                   help="with --feedback: relative residual at which a solve stops")
+    p.add_argument("--feedback-max-iter", type=int, default=50,
+                   help="with --feedback: most iterations per solve (unconverged solves are counted in "
+                   "results.json)")
     p.add_argument("--no-internal-kd", action="store_true", help="skip the internal-layer KD stage")
     p.add_argument("--internal-steps", type=int, default=None,
                    help="internal-layer KD steps (default: --steps)")
@@ -101,13 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prediction-stage loss: soft cross-entropy with the teacher (kd), labels (ce) "
                    "or both")
     p.add_argument("--temperature", type=float, default=1.0, help="prediction-KD temperature tau")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="training examples per step")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="examples per evaluation batch")
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (the reference uses 128)")
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N examples")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200,
+                   help="save a resumable checkpoint every N steps of each stage (0: only at the end)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisations, the training-batch order and QNLI's train/dev split")
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default runs/extreme_kd-TASK-BITSbit)")
     p.add_argument("--data-dir", default=None, help="local data directory (layout of shared/data); "
@@ -117,6 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N optimizer steps over all stages, as an interruption would (resumable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+# (flags, test, what is expected); flags left at their default None are not checked
+FLAG_CHECKS = (
+    (("--steps", "--internal-steps", "--teacher-steps", "--checkpoint-every", "--stop-after", "--seed"),
+     lambda v: v >= 0, "an integer >= 0"),
+    (("--batch-size", "--eval-batch-size", "--max-length", "--T", "--blocks", "--teacher-layers", "--hidden",
+      "--heads", "--intermediate", "--train-limit", "--eval-limit", "--feedback-max-iter"),
+     lambda v: v >= 1, "an integer >= 1"),
+    (("--lr", "--internal-lr", "--teacher-lr", "--vth", "--temperature"),
+     lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    (("--warmup-fraction",), lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    (("--feedback-scale",), math.isfinite, "a finite number"),
+    (("--feedback-tol",), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible flag values before any data is loaded or model built (ConfigError naming the flag)."""
+    for flags, ok, expected in FLAG_CHECKS:
+        for flag in flags:
+            value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+            if value is not None and not ok(value):
+                raise ConfigError(f"expected {flag} to be {expected}, found {value!r}: give a valid value "
+                                  "(see --help for the defaults)")
 
 
 def _stage_config(args, steps: int, learning_rate: float, schedule: str) -> TrainConfig:
@@ -135,7 +183,8 @@ def _check_run_settings(args, out: Path) -> None:
             raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or choose another "
                               "--out")
         saved = json.loads(path.read_text())
-        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        parser = build_parser()  # a flag added after the run was saved counts with its default
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k, parser.get_default(k)) != v}
         if changed:
             raise ConfigError(f"--resume with settings that differ from the run in {out} (saved, given): "
                               f"{changed}; resume with the original flags or use another --out")
@@ -151,11 +200,16 @@ class _Stages:
         self.done = 0  # steps of the stages before the current one
         self.histories: dict[str, list[dict]] = {}
         self.seconds: dict[str, float] = {}
+        self.solver_stats: dict[str, dict] = {}
         self.interrupted = False
 
-    def run(self, name: str, model: nnx.Module, loss_fn, batch_at, config: TrainConfig,
-            items: int) -> nnx.Module:
-        """Train one stage (resuming from its checkpoints); after an interruption, return ``model`` as is."""
+    def run(self, name: str, model: nnx.Module, loss_fn, batch_at, config: TrainConfig, items: int,
+            solve_log: SolveLog | None = None) -> nnx.Module:
+        """Train one stage (resuming from its checkpoints); after an interruption, return ``model`` as is.
+
+        ``solve_log``: the :class:`SolveLog` that ``loss_fn``'s feedback solves report to; its summary is
+        printed and kept in ``solver_stats[name]``.
+        """
         budget = None if self.args.stop_after is None else self.args.stop_after - self.done
         if self.interrupted or (budget is not None and budget <= 0):
             self.interrupted = True
@@ -167,8 +221,24 @@ class _Stages:
         self.done += config.steps
         self.histories[name] = result.history
         self.seconds[name] = result.seconds
+        if solve_log is not None:
+            self.solver_stats[name] = solve_log.summary()
+            print(f"[{name}] {format_solver_stats(self.solver_stats[name])}")
         self.interrupted = budget is not None and budget < config.steps
         return result.model
+
+
+def format_solver_stats(summary: dict) -> str:
+    """One line per :meth:`SolveLog.summary`: solves, mean / max iterations, max residual, unconverged."""
+    parts = []
+    for kind, stats in summary.items():
+        if not stats["solves"]:
+            parts.append(f"{kind}: no solves")
+            continue
+        parts.append(f"{kind}: {stats['solves']} solves, {stats['iterations_mean']:.1f} iterations on average "
+                     f"(max {stats['iterations_max']}), residual <= {stats['residual_max']:.2e}, "
+                     f"{stats['unconverged']} unconverged")
+    return "feedback solver " + "; ".join(parts)
 
 
 def _teacher(args, data: TaskData, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
@@ -197,11 +267,15 @@ def _student(args, teacher: BERT, num_labels: int, vocab: int) -> SpikingBERT:
         if shape != {"hidden": tc.hidden_size, "heads": tc.num_heads, "intermediate": tc.intermediate_size}:
             raise ConfigError(f"--init teacher copies the teacher's shape, but --hidden/--heads/"
                               f"--intermediate ask for {shape}: drop them or use --init random")
-        return spikingbert_from_bert(teacher, T=args.T, vth=args.vth, num_layers=args.blocks,
-                                     num_classes=num_labels, seed=args.seed)
-    config = SpikingBERTConfig(**shape, vocab=vocab, max_positions=tc.max_positions, num_classes=num_labels,
-                               T=args.T, vth=args.vth, num_blocks=args.blocks)
-    return SpikingBERT(config, rngs=nnx.Rngs(args.seed))
+        student = spikingbert_from_bert(teacher, T=args.T, vth=args.vth, num_layers=args.blocks,
+                                        num_classes=num_labels, feedback=args.feedback, seed=args.seed)
+    else:
+        config = SpikingBERTConfig(**shape, vocab=vocab, max_positions=tc.max_positions, num_classes=num_labels,
+                                   T=args.T, vth=args.vth, feedback=args.feedback, num_blocks=args.blocks)
+        student = SpikingBERT(config, rngs=nnx.Rngs(args.seed))
+    if args.feedback:
+        student.feedback.kernel[...] = args.feedback_scale * student.feedback.kernel[...]
+    return student
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
@@ -236,6 +310,18 @@ def _with_targets(batch_at, targets):
     return lambda step: targets(batch_at(step))
 
 
+def _feedback_report(args, stages: _Stages) -> dict | None:
+    """The feedback solver's settings and, per student stage, its statistics (None without --feedback)."""
+    if not args.feedback:
+        return None
+    return {"initial_scale": args.feedback_scale, "solver": args.feedback_solver, "tol": args.feedback_tol,
+            "max_iter": args.feedback_max_iter, "stages": stages.solver_stats,
+            "note": "forward: the feedback fixed point z = g(z) from the SNN's last-layer rate (ends at once with "
+                    "--gradient-at equilibrium, where g's value is pinned to the SNN's rate); adjoint: "
+                    "beta = (dg/dz)^T beta + dL/dz in the backward pass; one solve each per training step, "
+                    "counted for the steps this process ran (a resumed run: the resumed steps)"}
+
+
 def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str, student: SpikingBERT,
             layer_map: LayerMap, stages: _Stages) -> dict:
     """Evaluate teacher and student on dev; write results.json and the training curves."""
@@ -247,7 +333,7 @@ def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str,
         "teacher": {"source": teacher_source, "layers": teacher.config.num_layers,
                     "dev": _task_metrics(teacher_dev, args.task)},
         "student": {"config": dataclasses.asdict(student.config), "init": args.init,
-                    "gradient_at": args.gradient_at,
+                    "gradient_at": args.gradient_at, "feedback": _feedback_report(args, stages),
                     "internal_kd": not args.no_internal_kd, "layer_map": vars(layer_map),
                     "dev": _task_metrics(dev, args.task), "model_size": model_size(student, bits),
                     "energy": energy_report(student.config, dev["spike_rates"], dev["tokens_per_example"],
@@ -266,9 +352,13 @@ def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str,
     return results
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the pipeline described by ``argv``; returns the results (also written to OUT/results.json)."""
+def run(argv: list[str] | None = None) -> dict:
+    """Run the pipeline described by ``argv``; returns the results (also written to OUT/results.json).
+
+    Raises the library's errors (:class:`qslm_jax.errors.QSLMError`); :func:`main` turns them into exit 1.
+    """
     args = build_parser().parse_args(argv)
+    check_args(args)
     bits = student_level(args.bits)
     out = args.out or Path("runs") / f"extreme_kd-{args.task}-{args.bits:g}bit"
     _check_run_settings(args, out)
@@ -283,12 +373,11 @@ def main(argv: list[str] | None = None) -> dict:
     check_student_teacher_io(student.config, teacher, data.train.num_labels)
     layer_map = LayerMap.uniform(student.config.num_blocks, teacher.config.num_layers)
     batch_at = data.train.training_batches(args.batch_size, args.seed)
-    forward = functools.partial(implicit_forward, gradient_at=args.gradient_at)
     objectives = [("prediction", KDObjective.preset(args.prediction, temperature=args.temperature),
                    _stage_config(args, args.steps, args.lr, "cosine"))]
     if not args.no_internal_kd:
         check_internal_kd_shapes(student.config, teacher)
-        internal_steps = args.internal_steps or args.steps
+        internal_steps = args.steps if args.internal_steps is None else args.internal_steps
         objectives.insert(0, ("internal", KDObjective.preset("internal"),
                               _stage_config(args, internal_steps, args.internal_lr, "constant")))
     for name, objective, config in objectives:
@@ -297,7 +386,12 @@ def main(argv: list[str] | None = None) -> dict:
             targets = teacher_targets(teacher, layer_map, internal=objective.internal,
                                       predictions=objective.soft_ce > 0)
             stage_batches = _with_targets(batch_at, targets)
-        student = stages.run(name, student, kd_loss(objective, bits, forward), stage_batches, config, args.batch_size)
+        solve_log = SolveLog() if args.feedback else None
+        feedback_solve = functools.partial(fixed_point, solver=args.feedback_solver, tol=args.feedback_tol,
+                                           max_iter=args.feedback_max_iter, log=solve_log)
+        forward = functools.partial(implicit_forward, gradient_at=args.gradient_at, feedback_solve=feedback_solve)
+        student = stages.run(name, student, kd_loss(objective, bits, forward), stage_batches, config,
+                             args.batch_size, solve_log)
 
     if stages.interrupted:
         print(f"stopped after {args.stop_after} steps (--stop-after): rerun the same command with --resume")
@@ -305,5 +399,10 @@ def main(argv: list[str] | None = None) -> dict:
     return _report(args, out, data, teacher, teacher_source, student, layer_map, stages)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: :func:`run` with library errors as ``error: ...`` and exit status 1."""
+    return exit_status(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,11 +5,13 @@
 (extreme_kd.md, "Why equilibrium training": BPTT stores all T steps, implicit differentiation none). With
 ``--out`` it also writes ``memory.json`` and ``memory_vs_T.png``. Memory depends on the shapes only, so the
 full-size model (``--hidden 768 --heads 12 --intermediate 3072``) can be measured on a small machine.
+Invalid flags end with ``error: ...`` and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import jax
@@ -18,7 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from experiments.common import exit_status
 from qslm_jax.equilibrium.memory import METHODS, format_memory_table, memory_vs_T
+from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERTConfig
 from qslm_jax.qslm.report import write_json
 
@@ -28,15 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.extreme_kd_memory", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[8, 16, 32, 64], help="time steps to measure")
-    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["implicit", "bptt"])
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
-    p.add_argument("--blocks", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--bits", type=float, choices=(32, 1.58, 1), default=1.58)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["implicit", "bptt"],
+                   help="gradient methods: implicit differentiation at equilibrium, BPTT through the simulation")
+    p.add_argument("--hidden", type=int, default=128, help="student hidden size")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--intermediate", type=int, default=None, help="feed-forward width; default 4 x hidden")
+    p.add_argument("--blocks", type=int, default=4, help="spiking encoder blocks")
+    p.add_argument("--vocab", type=int, default=30522, help="vocabulary size (embedding rows)")
+    p.add_argument("--bits", type=float, choices=(32, 1.58, 1), default=1.58,
+                   help="weight precision of the encoder Linear layers")
+    p.add_argument("--batch-size", type=int, default=32, help="training examples per step")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example")
     p.add_argument("--out", type=Path, default=None, help="directory for memory.json and memory_vs_T.png")
     return p
 
@@ -57,9 +63,21 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Measure, print the table and return ``{"device", "settings", "rows"}``."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible sizes before anything is compiled (ConfigError naming the flag)."""
+    sizes = {"--T": min(args.T), "--hidden": args.hidden, "--heads": args.heads, "--blocks": args.blocks,
+             "--vocab": args.vocab, "--batch-size": args.batch_size, "--max-length": args.max_length,
+             "--intermediate": args.intermediate}
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"expected {flag} to be an integer >= 1, found {value}: give a valid value "
+                              "(see --help for the defaults)")
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Measure, print the table and return ``{"device", "settings", "rows"}`` (raises the library's errors)."""
     args = build_parser().parse_args(argv)
+    check_args(args)
     config = SpikingBERTConfig(hidden=args.hidden, heads=args.heads,
                                intermediate=args.intermediate or 4 * args.hidden, vocab=args.vocab,
                                max_positions=args.max_length, num_blocks=args.blocks)
@@ -79,5 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: :func:`run` with library errors as ``error: ...`` and exit status 1."""
+    return exit_status(lambda: run(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

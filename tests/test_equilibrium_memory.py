@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from converters.spikingbert import load_spikingbert
-from experiments.extreme_kd_memory import main
+from experiments.extreme_kd_memory import run
 from qslm_jax.equilibrium.memory import StepMemory, bptt_forward, compiled_memory, format_memory_table
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, is_encoder_kernel
 
@@ -22,7 +22,7 @@ from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, is_encod
 def table(tmp_path_factory):
     """The memory CLI on a tiny one-block model at T = 8 and 32."""
     out = tmp_path_factory.mktemp("memory")
-    result = main(["--T", "8", "32", "--hidden", "32", "--heads", "4", "--blocks", "1", "--vocab", "100",
+    result = run(["--T", "8", "32", "--hidden", "32", "--heads", "4", "--blocks", "1", "--vocab", "100",
                    "--batch-size", "2", "--max-length", "8", "--out", str(out)])
     return out, {(r["T"], r["method"]): r for r in result["rows"]}
 

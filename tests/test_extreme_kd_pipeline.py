@@ -8,7 +8,7 @@ import json
 import pytest
 
 from experiments import tables
-from experiments.extreme_kd import main
+from experiments.extreme_kd import run
 from qslm_jax.errors import ConfigError
 
 TINY = ["--task", "mrpc", "--hidden", "16", "--heads", "2", "--blocks", "1", "--teacher-layers", "1",
@@ -21,7 +21,7 @@ TINY = ["--task", "mrpc", "--hidden", "16", "--heads", "2", "--blocks", "1", "--
 def smoke(tmp_path_factory, data_dir):
     """A full run with a teacher trained here (4 steps) and a 1-bit student."""
     out = tmp_path_factory.mktemp("smoke")
-    results = main([*TINY, "--data-dir", str(data_dir), "--train-teacher", "--teacher-steps", "4",
+    results = run([*TINY, "--data-dir", str(data_dir), "--train-teacher", "--teacher-steps", "4",
                     "--bits", "1", "--out", str(out)])
     return out, results
 
@@ -54,21 +54,43 @@ def test_existing_output_needs_resume_with_the_same_settings(smoke, data_dir):
     out, _ = smoke
     base = [*TINY, "--data-dir", str(data_dir), "--train-teacher", "--teacher-steps", "4", "--out", str(out)]
     with pytest.raises(ConfigError, match="--resume"):
-        main([*base, "--bits", "1"])
+        run([*base, "--bits", "1"])
     with pytest.raises(ConfigError, match="differ"):
-        main([*base, "--bits", "1.58", "--resume"])
+        run([*base, "--bits", "1.58", "--resume"])
 
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke, data_dir, tmp_path):
     teacher = smoke[0] / "teacher"
     args = [*TINY, "--data-dir", str(data_dir), "--teacher", str(teacher), "--bits", "1.58"]
-    straight = main([*args, "--out", str(tmp_path / "a")])
+    straight = run([*args, "--out", str(tmp_path / "a")])
     assert straight["teacher"]["dev"] == smoke[1]["teacher"]["dev"]  # the exported teacher loads back
 
     # 4 internal-KD steps and 1 of the prediction stage, then an "interruption"
-    stopped = main([*args, "--out", str(tmp_path / "b"), "--stop-after", "5"])
+    stopped = run([*args, "--out", str(tmp_path / "b"), "--stop-after", "5"])
     assert stopped["status"] == "interrupted" and not (tmp_path / "b" / "results.json").exists()
-    resumed = main([*args, "--out", str(tmp_path / "b"), "--resume"])
+    resumed = run([*args, "--out", str(tmp_path / "b"), "--resume"])
     assert resumed["history"] == straight["history"]
     assert resumed["student"] == straight["student"]
+
+
+@pytest.mark.slow
+def test_feedback_student_trains_through_the_implicit_fixed_point(smoke, data_dir, tmp_path):
+    """--feedback: one forward and one adjoint solve per training step, their statistics in results.json; the
+    feedback Linear counts in the model size and, reading the last layer's spikes, in the accumulates."""
+    args = [*TINY, "--data-dir", str(data_dir), "--teacher", str(smoke[0] / "teacher"), "--bits", "1",
+            "--feedback", "--feedback-scale", "0.5", "--gradient-at", "surrogate", "--out", str(tmp_path)]
+    results = run(args)
+    feedback = results["student"]["feedback"]
+    assert results["student"]["config"]["feedback"] and feedback["solver"] == "anderson"
+    for stage, steps in (("internal", 4), ("prediction", 3)):
+        stats = feedback["stages"][stage]
+        for kind in ("forward", "adjoint"):
+            assert stats[kind]["solves"] == steps and len(stats[kind]["residuals"]) == steps
+            assert 0 <= stats[kind]["unconverged"] <= steps and stats[kind]["iterations_max"] <= 50
+        assert stats["forward"]["iterations_max"] >= 1  # the surrogate's own fixed point is not the SNN's rate
+    without = smoke[1]["student"]
+    assert results["student"]["model_size"]["parameters"] == without["model_size"]["parameters"] + 16 * 16
+    assert results["student"]["energy"]["student"]["spike_driven_layers"] == \
+        without["energy"]["student"]["spike_driven_layers"] + 1
+    assert all(0 <= r <= 1 for r in results["student"]["dev"]["spike_rates"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qslm_jax.equilibrium.implicit import fixed_point, fixed_point_with_info, implicit_equilibrium
+from qslm_jax.equilibrium.implicit import SolveLog, fixed_point, fixed_point_with_info, implicit_equilibrium
 from qslm_jax.equilibrium.solvers import Anderson, FixedPointIteration, make_solver
 from qslm_jax.errors import ConfigError
 
@@ -294,3 +294,28 @@ def test_map_with_wrong_output_structure_is_rejected():
         fixed_point(lambda a, w: jnp.concatenate([a, w]), jnp.zeros(3), jnp.ones(2))
     with pytest.raises(ConfigError, match="structure, shapes and dtypes"):
         implicit_equilibrium(lambda a: {"a": a}, jnp.zeros(3))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solve_log_records_forward_and_adjoint_solves_under_jit(solver):
+    """The adjoint solve runs inside the backward pass; its statistics still reach the log, once per call."""
+    params, x = _params(), _vector(N, 2)
+    log = SolveLog()
+    grad = jax.jit(jax.grad(lambda p: _loss(fixed_point(f_tanh, jnp.zeros(N), p, x, solver=solver, tol=TOL,
+                                                        log=log))))
+    assert all(not rows for rows in log.records.values())  # nothing is recorded before the call runs
+    for _ in range(2):
+        jax.block_until_ready(grad(params))
+    _, info = fixed_point_with_info(f_tanh, jnp.zeros(N), params, x, solver=solver, tol=TOL)
+    summary = log.summary()
+    for kind in SolveLog.KINDS:
+        stats = summary[kind]
+        assert stats["solves"] == 2 and stats["unconverged"] == 0
+        assert 1 < stats["iterations_max"] < 300 and 0 <= stats["residual_max"] <= TOL
+        assert stats["iterations"] == [stats["iterations_max"]] * 2
+    assert summary["forward"]["iterations"][0] == int(info.iterations)
+
+    capped = SolveLog()  # an adjoint that runs out of iterations is counted as unconverged
+    jax.grad(lambda p: _loss(implicit_equilibrium(f_tanh, jnp.zeros(N), p, x, solver=solver, tol=TOL,
+                                                  max_iter=1, log=capped)))(params)
+    assert capped.summary()["adjoint"]["unconverged"] == 1 and capped.summary()["forward"] == {"solves": 0}

@@ -4,6 +4,7 @@ gradients, structure (one scan over T, memory constant in T), weight-transform h
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from flax import nnx
 
 from converters.spikingbert import load_spikingbert, to_state_dict
+from qslm_jax.equilibrium.implicit import SolveLog, fixed_point
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, clip_rate, is_encoder_kernel
 
@@ -273,6 +275,49 @@ def test_feedback_with_zero_weights_equals_the_feed_forward_network(gradient_at)
     # with zero feedback weights z still enters f, so the feedback kernel gets a (generally non-zero) gradient
     assert not np.any(expected[feedback_key])
     assert np.any(got[feedback_key])
+
+
+def _relative_error(got, want) -> float:
+    """``||got - want|| / ||want||`` over all leaves of two gradient pytrees."""
+    got, want = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (got, want))
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _unrolled_fixed_point(iterations: int):
+    """``z_{k+1} = g(z_k)`` from ``z_0``, differentiated through every iteration (the implicit solver's reference)."""
+    def solve(g, z0, params):
+        return jax.lax.fori_loop(0, iterations, lambda _, z: g(z, params), z0)
+    return solve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gradient_at", ["equilibrium", "surrogate"])
+def test_feedback_implicit_gradient_matches_the_unrolled_iteration(gradient_at):
+    """Nonzero feedback: the implicit (adjoint) gradient of every parameter equals differentiation through 200
+    iterations of the feedback fixed point, and the loop really changes the gradient."""
+    model = small_model(num_blocks=1, T=8, feedback=True)
+    model.feedback.kernel[...] = 0.2 * model.feedback.kernel[...]  # contractive, ~20 adjoint iterations
+    inputs = (jax.random.randint(jax.random.key(3), (2, 6), 1, 100),)
+    log = SolveLog()
+    implicit = functools.partial(fixed_point, solver="anderson", tol=1e-6, max_iter=200, log=log)
+    with jax.default_matmul_precision("highest"):
+        loss, got = loss_and_grads(model, inputs, gradient_at=gradient_at, fixed_point=implicit)
+        unrolled_loss, want = loss_and_grads(model, inputs, gradient_at=gradient_at,
+                                             fixed_point=_unrolled_fixed_point(200))
+        _, one_step = loss_and_grads(model, inputs, gradient_at=gradient_at, fixed_point=_unrolled_fixed_point(1))
+    np.testing.assert_allclose(loss, unrolled_loss, rtol=1e-6)
+    assert _relative_error(got, want) < 1e-4
+    assert _relative_error(got["feedback"], want["feedback"]) < 1e-4
+    assert np.any(np.asarray(want["feedback"]["kernel"].get_value()))
+    assert _relative_error(one_step, want) > 1e-2  # the feedback loop matters for the gradient
+
+    stats = log.summary()
+    assert stats["adjoint"]["solves"] == 1 and stats["adjoint"]["unconverged"] == 0
+    assert stats["adjoint"]["iterations_max"] > 2 and stats["adjoint"]["residual_max"] <= 1e-6
+    forward = stats["forward"]
+    assert forward["solves"] == 1 and forward["unconverged"] == 0
+    # pinned to the SNN's rates, the forward solve starts on its fixed point; the surrogate's own one is elsewhere
+    assert (forward["iterations_max"] == 0) == (gradient_at == "equilibrium")
 
 
 def test_presets_and_config_validation():

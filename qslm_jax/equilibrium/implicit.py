@@ -20,17 +20,64 @@ Non-convergence policy: a solve stops after ``max_iter`` iterations whatever its
 last iterate is used; :func:`fixed_point_with_info` reports the forward residual and a ``converged`` flag.
 With ``nan_on_failure=True`` an unconverged forward solve returns NaN, and an unconverged adjoint solve NaN
 gradients, so a bad step shows in the loss or gradient norm (``optax.apply_if_finite`` can then skip it).
+
+Solver statistics: the adjoint solve runs inside the backward pass, where no auxiliary output can leave a
+``jax.grad``; a :class:`SolveLog` passed as ``log`` receives the :class:`SolveInfo` of every forward and
+adjoint solve on the host (``jax.debug.callback``), also under ``jit``.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qslm_jax.equilibrium.solvers import PyTree, SolveInfo, Solver, make_solver
 from qslm_jax.errors import ConfigError
+
+
+class SolveLog:
+    """Host-side record of the solves of :func:`fixed_point_with_info` / :func:`implicit_equilibrium`.
+
+    ``records[kind]`` (kind ``"forward"`` or ``"adjoint"``) lists ``(iterations, residual, converged)`` per
+    solve in the order they ran (one entry per element when the solve was ``vmap``-ped). Filled through
+    ``jax.debug.callback``, so it works under ``jit`` and inside the backward pass; nothing is recorded while
+    a function is only traced or compiled.
+    """
+
+    KINDS = ("forward", "adjoint")
+
+    def __init__(self):
+        self.records: dict[str, list[tuple[int, float, bool]]] = {kind: [] for kind in self.KINDS}
+
+    def record(self, kind: str, info: SolveInfo) -> None:
+        """Append the (possibly batched) ``info`` of one solve of ``kind``."""
+        columns = (np.ravel(np.asarray(x)).tolist() for x in (info.iterations, info.residual, info.converged))
+        self.records[kind].extend(zip(*columns, strict=True))
+
+    def summary(self) -> dict[str, Any]:
+        """Per kind: number of solves, mean / max iterations, max / last relative residual, how many missed
+        ``tol``, and the series of iterations and residuals (one entry per solve)."""
+        out: dict[str, Any] = {}
+        for kind, rows in self.records.items():
+            if not rows:
+                out[kind] = {"solves": 0}
+                continue
+            iterations, residuals, converged = zip(*rows, strict=True)
+            out[kind] = {"solves": len(rows), "iterations_mean": float(np.mean(iterations)),
+                         "iterations_max": int(max(iterations)), "residual_max": float(max(residuals)),
+                         "residual_last": float(residuals[-1]), "unconverged": int(len(rows) - sum(converged)),
+                         "iterations": list(iterations), "residuals": list(residuals)}
+        return out
+
+
+def _log_solve(log: SolveLog | None, kind: str, info: SolveInfo) -> None:
+    """Send ``info`` to ``log`` from inside a traced computation (no-op without a log)."""
+    if log is not None:
+        jax.debug.callback(partial(log.record, kind), info)
 
 
 def _nan_unless(converged: jax.Array, tree: PyTree, nan_on_failure: bool) -> PyTree:
@@ -40,20 +87,22 @@ def _nan_unless(converged: jax.Array, tree: PyTree, nan_on_failure: bool) -> PyT
     return jax.tree.map(lambda x: jnp.where(converged, x, jnp.nan), tree)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _with_implicit_grad(f, adjoint: Solver, nan_on_failure: bool, a_star: PyTree, params: tuple) -> PyTree:
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _with_implicit_grad(f, adjoint: Solver, nan_on_failure: bool, log: SolveLog | None, a_star: PyTree,
+                        params: tuple) -> PyTree:
     """Identity on ``a_star`` whose VJP is the implicit gradient through ``a* = f(a*, *params)``."""
     return a_star
 
 
-def _implicit_fwd(f, adjoint, nan_on_failure, a_star, params):
+def _implicit_fwd(f, adjoint, nan_on_failure, log, a_star, params):
     return a_star, (a_star, params)
 
 
-def _implicit_bwd(f, adjoint, nan_on_failure, residuals, g):
+def _implicit_bwd(f, adjoint, nan_on_failure, log, residuals, g):
     a_star, params = residuals
     _, vjp = jax.vjp(lambda a, p: f(a, *p), a_star, params)
     beta, info = adjoint(lambda b: jax.tree.map(jnp.add, vjp(b)[0], g), g)
+    _log_solve(log, "adjoint", info)
     beta = _nan_unless(info.converged, beta, nan_on_failure)
     return jax.tree.map(jnp.zeros_like, a_star), vjp(beta)[1]
 
@@ -85,18 +134,19 @@ def implicit_equilibrium(
     tol: float | None = None,
     max_iter: int | None = None,
     nan_on_failure: bool = False,
+    log: SolveLog | None = None,
 ) -> PyTree:
     """The supplied equilibrium ``a*`` (value unchanged, no gradient of its own) with the implicit backward.
 
     ``f(a, *args) -> a`` is the equilibrium map (for SpikingBERT: the steady-state surrogate of the IF
     network) and ``a*`` its fixed point computed elsewhere (the simulated average spike rates). The VJP
     w.r.t. ``args`` is ``beta^T df/dargs`` at a*, with ``beta = (df/da)^T beta + dL/da*`` solved by
-    ``solver`` (starting from ``beta = dL/da*``).
+    ``solver`` (starting from ``beta = dL/da*``); its statistics go to ``log`` (kind ``"adjoint"``).
     """
     adjoint = make_solver(solver, tol=tol, max_iter=max_iter)
     a_star = jax.lax.stop_gradient(a_star)
     converted, params = _convert(f, a_star, args)
-    return _with_implicit_grad(converted, adjoint, nan_on_failure, a_star, params)
+    return _with_implicit_grad(converted, adjoint, nan_on_failure, log, a_star, params)
 
 
 def fixed_point_with_info(
@@ -108,13 +158,14 @@ def fixed_point_with_info(
     max_iter: int | None = None,
     adjoint: str | Solver | None = None,
     nan_on_failure: bool = False,
+    log: SolveLog | None = None,
 ) -> tuple[PyTree, SolveInfo]:
     """Solve ``a* = f(a*, *args)`` from ``a0``; return ``(a*, SolveInfo)``, a* implicitly differentiable.
 
     The forward solve runs with gradients stopped; the backward is that of :func:`implicit_equilibrium`,
     with the ``adjoint`` solver (default: the forward one; ``tol``/``max_iter`` apply to both).
     ``SolveInfo`` holds the forward relative residual ``||f(a) - a|| / ||f(a)||``, the iterations used and
-    whether ``tol`` was met.
+    whether ``tol`` was met. With a ``log``, the forward and adjoint solves' statistics are recorded there.
     """
     forward = make_solver(solver, tol=tol, max_iter=max_iter)
     backward = forward if adjoint is None else make_solver(adjoint, tol=tol, max_iter=max_iter)
@@ -122,8 +173,9 @@ def fixed_point_with_info(
     converted, params = _convert(f, a0, args)
     frozen = jax.lax.stop_gradient(params)
     a_star, info = forward(lambda a: converted(a, *frozen), a0)
+    _log_solve(log, "forward", info)
     a_star = _nan_unless(info.converged, a_star, nan_on_failure)
-    return _with_implicit_grad(converted, backward, nan_on_failure, a_star, params), info
+    return _with_implicit_grad(converted, backward, nan_on_failure, log, a_star, params), info
 
 
 def fixed_point(
@@ -135,6 +187,7 @@ def fixed_point(
     max_iter: int | None = None,
     adjoint: str | Solver | None = None,
     nan_on_failure: bool = False,
+    log: SolveLog | None = None,
 ) -> PyTree:
     """The equilibrium ``a* = f(a*, *args)`` with implicit gradients to ``args``; see fixed_point_with_info.
 
@@ -143,6 +196,6 @@ def fixed_point(
     """
     a_star, _ = fixed_point_with_info(
         f, a0, *args, solver=solver, tol=tol, max_iter=max_iter, adjoint=adjoint,
-        nan_on_failure=nan_on_failure,
+        nan_on_failure=nan_on_failure, log=log,
     )
     return a_star

@@ -40,6 +40,7 @@ from qslm_jax.errors import ConfigError
 from qslm_jax.models.bert import BERT
 from qslm_jax.models.spikingbert import (
     NEURONS_PER_BLOCK,
+    FixedPointFn,
     SpikingBERT,
     SpikingBERTConfig,
     TrainOutput,
@@ -135,16 +136,20 @@ class KDObjective:
         return self.internal or self.soft_ce > 0
 
 
-def implicit_forward(student: SpikingBERT, batch: Batch, gradient_at: str = "equilibrium") -> TrainOutput:
+def implicit_forward(student: SpikingBERT, batch: Batch, gradient_at: str = "equilibrium",
+                     feedback_solve: FixedPointFn = fixed_point) -> TrainOutput:
     """Equilibrium training forward: the IF simulation gives the value, the steady-state surrogate the
-    gradient (implicit differentiation; the feedback variant solves the adjoint with :func:`fixed_point`).
+    gradient (implicit differentiation; with ``config.feedback`` the feedback fixed point is solved by
+    ``feedback_solve``, by default :func:`~qslm_jax.equilibrium.implicit.fixed_point`, whose backward solves
+    the adjoint; bind its solver, tolerance and :class:`~qslm_jax.equilibrium.implicit.SolveLog` with
+    ``functools.partial``).
 
     ``gradient_at="equilibrium"`` (default) linearises the surrogate at the SNN's rates of every layer;
     ``"surrogate"`` along the surrogate's own forward pass, as the reference implementation does (see
     :meth:`SpikingBERT.train_forward`).
     """
     return student.train_forward(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
-                                 fixed_point=fixed_point, gradient_at=gradient_at)
+                                 fixed_point=feedback_solve, gradient_at=gradient_at)
 
 
 def accuracy(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
@@ -396,20 +401,26 @@ def student_layer_ops(config: SpikingBERTConfig, spike_rates: Sequence[float], t
                       bits: Level) -> list[LayerOps]:
     """The spiking encoder's synaptic operations per token, as :class:`qslm_jax.qslm.energy.LayerOps`.
 
-    Every encoder Linear runs T times on binary spikes of rate r (its input layer's ASR): ``T r n_in n_out``
-    accumulates at the kernel's bit width. Attention on ``tokens`` = L positions: ``q . k`` with spiking keys
-    is ``T r_K H L`` and ``probabilities . v`` with spiking values ``T r_V L H`` accumulates on fp32 operands.
+    Every encoder Linear reads the spikes of the IF layer before it (spikingbert.md, "Architecture"), so it
+    runs T times on binary input of rate r (that layer's ASR): ``T r n_in n_out`` accumulates at the kernel's
+    bit width. Attention on ``tokens`` = L positions: ``q . k`` with spiking keys is ``T r_K H L`` and
+    ``probabilities . v`` with spiking values ``T r_V L H`` accumulates on fp32 operands. With
+    ``config.feedback`` the fp32 feedback Linear reads the last layer's spikes: ``T r_last H H`` more.
     Embeddings, LayerNorm, softmax, GELU and the classifier are not counted.
     """
     level = student_level(bits)
-    return [LayerOps(n_in, n_out, spike_rates[NEURONS_PER_BLOCK * b + offset], level if quantized else FP32,
-                     f"block{b}.{name}", config.T)
-            for b in range(config.num_blocks)
-            for name, n_in, n_out, offset, quantized in _block_operations(config, tokens)]
+    ops = [LayerOps(n_in, n_out, spike_rates[NEURONS_PER_BLOCK * b + offset], level if quantized else FP32,
+                    f"block{b}.{name}", config.T)
+           for b in range(config.num_blocks)
+           for name, n_in, n_out, offset, quantized in _block_operations(config, tokens)]
+    if config.feedback:
+        ops.append(LayerOps(config.hidden, config.hidden, spike_rates[-1], FP32, "feedback", config.T))
+    return ops
 
 
 def dense_layer_ops(config: SpikingBERTConfig, tokens: int) -> list[LayerOps]:
-    """The same operations in a non-spiking fp32 BERT of the student's shape: multiply-accumulates, once."""
+    """The encoder operations of a non-spiking fp32 BERT of the student's shape (no feedback):
+    multiply-accumulates, once per token."""
     return [LayerOps(n_in, n_out, None, FP32, f"block{b}.{name}")
             for b in range(config.num_blocks)
             for name, n_in, n_out, _, _ in _block_operations(config, tokens)]
@@ -418,10 +429,15 @@ def dense_layer_ops(config: SpikingBERTConfig, tokens: int) -> list[LayerOps]:
 def energy_report(config: SpikingBERTConfig, spike_rates: Sequence[float], tokens_per_example: float,
                   bits: Level) -> dict[str, Any]:
     """Operation counts and 45 nm energy (:func:`qslm_jax.qslm.energy.estimate_energy`) per token and per
-    example of the spiking student vs a dense fp32 BERT of the same shape, at the average real length."""
-    tokens = max(round(tokens_per_example), 1)
-    student = estimate_energy(student_layer_ops(config, spike_rates, tokens, bits), tokens_per_sample=tokens)
-    dense = estimate_energy(dense_layer_ops(config, tokens), tokens_per_sample=tokens)
+    example of the spiking student vs a dense fp32 BERT of the same shape.
+
+    An example has ``tokens_per_example`` tokens (the average real length); attention, whose per-token cost
+    grows with the sequence, is counted at that length rounded to a whole number of positions.
+    """
+    length = max(round(tokens_per_example), 1)
+    student = estimate_energy(student_layer_ops(config, spike_rates, length, bits),
+                              tokens_per_sample=tokens_per_example)
+    dense = estimate_energy(dense_layer_ops(config, length), tokens_per_sample=tokens_per_example)
     return {"student": student.to_dict(), "dense_bert_fp32": dense.to_dict(),
             "energy_ratio_dense_over_student": dense.joules_per_token / student.joules_per_token
             if student.joules_per_token else None}

@@ -41,7 +41,8 @@ GRADIENT_POINTS = ("surrogate", "equilibrium")
 
 # fire(layer_index, input_current) -> the layer's activity (spikes in the SNN, clipped rates in f).
 FireFn = Callable[[int, jax.Array], jax.Array]
-# fixed_point(g, z0, params) -> z with value z0 and the implicit gradient of z = g(z, params).
+# fixed_point(g, z0, params) -> z: the fixed point z = g(z, params) found from z0, with its implicit gradient
+# (e.g. qslm_jax.equilibrium.implicit.fixed_point).
 FixedPointFn = Callable[[Callable[[jax.Array, Any], jax.Array], jax.Array, Any], jax.Array]
 
 
@@ -293,8 +294,11 @@ class SpikingBERT(nnx.Module):
         ``f_k + stop_gradient(a*_k - f_k)`` but with exactly the SNN's value. Without feedback ``f`` does not
         depend on ``a*``, so this straight-through form is the exact implicit gradient. With
         ``config.feedback`` the surrogate's feedback input ``z`` (the last layer's rate) is
-        ``fixed_point(g, a*_last, params)`` where ``g(z, params)`` is the last layer of ``f``; the solver
-        (``qslm_jax.equilibrium.implicit``) returns ``a*_last`` with the adjoint gradient.
+        ``fixed_point(g, a*_last, params)``, the equilibrium ``z = g(z, params)`` of ``g`` = the last layer of
+        ``f`` fed back, found from the SNN's ``a*_last``; its gradient solves the adjoint
+        ``beta = (dg/dz)^T beta + dL/dz`` (spikingbert.md, "Steady-state function"; the IDE formulation of
+        Xiao et al., NeurIPS 2021). With ``gradient_at="equilibrium"`` ``g``'s value is pinned to ``a*_last``,
+        so the forward solve ends at once and ``z = a*_last``: the implicit gradient at the SNN's equilibrium.
 
         ``gradient_at`` says where ``f`` is linearised:
 

@@ -12,6 +12,12 @@ float multiply 3.7 pJ); below 32 bits = integer arithmetic. Integer widths betwe
 (add: 8, 16, 32 bits; multiply: 8, 32 bits) are interpolated log-log (a power law between neighbours); below
 8 bits an adder scales linearly with the width (ripple carry) and a multiplier quadratically (array
 multiplier), from the 8-bit figure. An estimate of arithmetic only: memory traffic is not counted.
+
+Per sample = per token x the tokens of a sample (:func:`mean_tokens_per_sample`: the real, unpadded tokens
+of a sentence, or every position of a language-modelling window). Which layers are spike-driven is the
+model's business: a Linear is counted as accumulates only when its input really is spikes (SpikingBERT: every
+encoder Linear reads the previous IF layer's spikes; SpikeGPT: none, its Linear layers read LayerNorm outputs
+and other real values).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+
+import numpy as np
 
 from qslm_jax.errors import ConfigError
 
@@ -98,13 +106,25 @@ class LayerOps:
 
 @dataclass(frozen=True)
 class EnergyEstimate:
-    """Operation counts and estimated energy per token, and per sample of ``tokens_per_sample`` tokens."""
+    """Operation counts and estimated energy per token, and per sample of ``tokens_per_sample`` tokens
+    (an average, so not necessarily whole)."""
 
     joules_per_token: float
-    tokens_per_sample: int
+    tokens_per_sample: float
     macs_per_token: float
     acs_per_token: float
     per_layer: tuple[tuple[str, float], ...]  # (name, joules per token)
+    spike_driven: tuple[str, ...] = ()  # names of the layers counted as accumulates
+
+    @property
+    def macs_per_sample(self) -> float:
+        """Multiply-accumulates of one sample."""
+        return self.macs_per_token * self.tokens_per_sample
+
+    @property
+    def acs_per_sample(self) -> float:
+        """Accumulates of one sample."""
+        return self.acs_per_token * self.tokens_per_sample
 
     @property
     def joules_per_sample(self) -> float:
@@ -115,15 +135,44 @@ class EnergyEstimate:
         """Plain dict for reports, with the rule it follows."""
         return {"joules_per_token": self.joules_per_token, "joules_per_sample": self.joules_per_sample,
                 "tokens_per_sample": self.tokens_per_sample, "macs_per_token": self.macs_per_token,
-                "acs_per_token": self.acs_per_token, "per_layer": dict(self.per_layer),
-                "model": "45 nm operation energies (Horowitz, ISSCC 2014) at the weight bit width; "
-                         "arithmetic only, memory traffic not counted"}
+                "acs_per_token": self.acs_per_token, "macs_per_sample": self.macs_per_sample,
+                "acs_per_sample": self.acs_per_sample, "per_layer": dict(self.per_layer),
+                "spike_driven_layers": len(self.spike_driven),
+                "dense_layers": len(self.per_layer) - len(self.spike_driven),
+                "model": "45 nm operation energies (Horowitz, ISSCC 2014) at the weight bit width; layers "
+                         "whose input is spikes count accumulates at the input spike rate, the others "
+                         "multiply-accumulates; arithmetic only, memory traffic not counted"}
 
 
-def estimate_energy(layers: Iterable[LayerOps | Sequence], *, tokens_per_sample: int = 1) -> EnergyEstimate:
-    """Sum the per-token energy of ``layers``: :class:`LayerOps` or tuples
-    ``(in_features, out_features, input_spike_rate or None, weight_bits)``."""
+def estimate_energy(layers: Iterable[LayerOps | Sequence], *, tokens_per_sample: float) -> EnergyEstimate:
+    """Sum the per-token energy of ``layers`` (:class:`LayerOps` or tuples ``(in_features, out_features,
+    input_spike_rate or None, weight_bits)``); per-sample figures are ``tokens_per_sample`` times those."""
+    if not (math.isfinite(tokens_per_sample) and tokens_per_sample > 0):
+        raise ConfigError(f"tokens_per_sample must be a positive number, found {tokens_per_sample!r}: pass "
+                          "the average tokens of a sample (mean_tokens_per_sample)")
     records = [layer if isinstance(layer, LayerOps) else LayerOps(*layer) for layer in layers]
-    per_layer = tuple((r.name or f"layer_{i}", r.joules) for i, r in enumerate(records))
-    return EnergyEstimate(sum(j for _, j in per_layer), tokens_per_sample, sum(r.macs for r in records),
-                          sum(r.acs for r in records), per_layer)
+    names = [r.name or f"layer_{i}" for i, r in enumerate(records)]
+    per_layer = tuple((name, r.joules) for name, r in zip(names, records, strict=True))
+    spike_driven = tuple(name for name, r in zip(names, records, strict=True) if r.input_spike_rate is not None)
+    return EnergyEstimate(sum(j for _, j in per_layer), float(tokens_per_sample), sum(r.macs for r in records),
+                          sum(r.acs for r in records), per_layer, spike_driven)
+
+
+def mean_tokens_per_sample(batches: Iterable[Mapping[str, np.ndarray]], ids_key: str) -> float:
+    """Average tokens per sample over ``batches``: ``sum(attention_mask * valid) / sum(valid)``.
+
+    ``batch[ids_key]`` is (B, L); without an ``attention_mask`` every one of the L positions counts (a
+    language-modelling window), without ``valid`` every row is a sample. Raises ConfigError when there are
+    no samples.
+    """
+    tokens = samples = 0.0
+    for batch in batches:
+        ids = np.asarray(batch[ids_key])
+        mask = np.asarray(batch.get("attention_mask", np.ones(ids.shape)), np.float64)
+        valid = np.asarray(batch.get("valid", np.ones(ids.shape[0])), np.float64)
+        tokens += float(np.sum(mask * valid[:, None]))
+        samples += float(np.sum(valid))
+    if samples <= 0:
+        raise ConfigError("mean_tokens_per_sample needs at least one valid sample, found none: pass the "
+                          "evaluation batches")
+    return tokens / samples

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT
-from qslm_jax.qslm.energy import LayerOps, estimate_energy
+from qslm_jax.qslm.energy import LayerOps, estimate_energy, mean_tokens_per_sample
 from qslm_jax.qslm.evaluator import Evaluator
 from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
 from qslm_jax.qslm.journal import Journal, fingerprint
@@ -154,12 +154,14 @@ def parameter_fingerprint(model: nnx.Module) -> str:
 
 
 def spikegpt_energy(model: SpikeGPT, plan: QuantPlan, hierarchy: Hierarchy, *, classify: bool,
-                    spike_rates: np.ndarray | None = None) -> dict[str, Any]:
-    """Operation-count energy per token (:mod:`qslm_jax.qslm.energy`) of SpikeGPT under ``plan``.
+                    tokens_per_sample: float, spike_rates: np.ndarray | None = None) -> dict[str, Any]:
+    """Operation-count energy per token and per sample of ``tokens_per_sample`` tokens
+    (:mod:`qslm_jax.qslm.energy`) of SpikeGPT under ``plan``.
 
     Every SpikeGPT Linear reads real values (LayerNorm outputs, ``r * wkv``, ``relu(k)^2``), so each is counted
     as MACs at its weight bit width; the LM head runs only for language modelling, the classifier only once
-    per sequence (neglected). The LIF spike rates are reported alongside.
+    per sequence (neglected). No layer is spike-driven, so there are no accumulates; the LIF spike rates are
+    reported alongside.
     """
     c, layers = model.config.n_embd, []
     shapes = {"att.key": (c, c), "att.value": (c, c), "att.receptance": (c, c), "att.output": (c, c),
@@ -170,7 +172,7 @@ def spikegpt_energy(model: SpikeGPT, plan: QuantPlan, hierarchy: Hierarchy, *, c
             layers.append(LayerOps(n_in, n_out, None, float(plan.module_bits(module)), name=module))
     if not classify:
         layers.append(LayerOps(c, model.config.vocab_size, None, float(plan.block_bits("output")), name="head"))
-    estimate = estimate_energy(layers).to_dict()
+    estimate = estimate_energy(layers, tokens_per_sample=tokens_per_sample).to_dict()
     if spike_rates is not None:
         estimate["lif_spike_rates"] = np.asarray(spike_rates).tolist()
     return estimate
@@ -308,15 +310,16 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
                           evaluate, journal, table, order, sensitivity_seconds)
     classify = bool(task.n_classes)
     rates = _mean_spike_rates(model, data.eval_batches[0], classify)
+    tokens = mean_tokens_per_sample(data.eval_batches, "idx")
     report["energy_estimate"] = {"baseline": spikegpt_energy(model, QuantPlan(), hierarchy, classify=classify,
-                                                             spike_rates=rates)}
+                                                             tokens_per_sample=tokens, spike_rates=rates)}
     exit_code = 0
     try:
         selection = select(result, settings.alpha)
         report["selection"] = {**selection.to_dict(), "memory_saving_percent":
                                100.0 * (1.0 - selection.candidate.memory_fraction)}
         report["energy_estimate"]["selection"] = spikegpt_energy(model, selection.candidate.plan, hierarchy,
-                                                                 classify=classify)
+                                                                 classify=classify, tokens_per_sample=tokens)
         ablation = alpha_ablation(result, settings.alphas)
         report["alpha_ablation"] = {str(a): s.to_dict() for a, s in ablation.items()}
         _export_selection(model, selection.candidate.plan, hierarchy, out, report)
