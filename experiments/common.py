@@ -107,7 +107,8 @@ def check_search_arguments(args, *, const_a: float | None = None) -> None:
     QSLMSettings(const_a=const_a if const_a is not None else 0.0,
                  const_m_mb=const_m if const_m is not None else math.inf, levels=args.levels,
                  alpha=getattr(args, "alpha", 0.5), alphas=getattr(args, "alphas", (0.5,)),
-                 eval_limit=args.eval_limit, eval_batch_size=args.eval_batch_size or 1, chunk_size=args.chunk_size,
+                 eval_limit=args.eval_limit, chunk_size=args.chunk_size,
+                 eval_batch_size=1 if args.eval_batch_size is None else args.eval_batch_size,
                  devices=args.devices, selection_split=args.selection_split)
     if args.devices is not None:
         import jax
