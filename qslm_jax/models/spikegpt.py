@@ -313,6 +313,13 @@ class SpikeGPT(nnx.Module):
         if config.n_classes > 0:
             self.classifier = _linear(c, config.n_classes, rngs)
 
+    def with_mode(self, mode: str) -> SpikeGPT:
+        """This model's parameters (shared, not copied) under the config of forward ``mode`` ("gpt" or "rnn",
+        :meth:`SpikeGPTConfig.with_mode`)."""
+        config = self.config.with_mode(mode)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: SpikeGPT(config, rngs=nnx.Rngs(0))))
+        return nnx.merge(graphdef, nnx.state(self))
+
     def init_state(self, batch: int) -> tuple[BlockState, ...]:
         """The recurrent state of ``batch`` fresh sequences: one :func:`block_init_state` per block."""
         return tuple(block_init_state(batch, self.config.n_embd) for _ in self.blocks)
