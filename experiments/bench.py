@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m experiments.bench {forward,candidates} ...``.
+"""Benchmarks: ``python -m experiments.bench {forward,candidates,generate} ...``.
 
 Each sub-command lives in its own module (``experiments.bench_<name>``) exposing
 ``add_arguments(parser)`` and ``run(args) -> dict``; results are printed and written as JSON.
@@ -15,6 +15,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "forward": "SpikeGPT forward throughput vs plain matmuls of the same shapes",
     "candidates": "batched (vmap) vs one-at-a-time evaluation of quantization candidates",
+    "generate": "RNN-mode generation (O(1) per token) vs re-running the parallel forward per token",
 }
 
 
