@@ -120,5 +120,5 @@ def run(args: argparse.Namespace) -> dict:
             per_token = [results["lengths"][str(n)][name]["median_s"] / n for n in (short, long)]
             results[f"per_token_growth_{name}"] = per_token[1] / per_token[0]
     head = np.asarray(params["head"]["kernel"][...])
-    results["torch_head_matvec_tokens_per_s"] = _torch_head_rate(head, max(args.lengths), args.repeats)
+    results["torch_head_matvec_tokens_per_s"] = _torch_head_rate(head, min(args.lengths), args.repeats)
     return results
