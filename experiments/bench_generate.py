@@ -11,7 +11,8 @@ The reference PyTorch RNN (``run.py``) cannot run here; the issue measured it at
 tokens on ``spikegpt-small`` on this CPU. When torch is installed, the variant ``torch_rnn`` runs in the same
 rounds: the same model as a PyTorch RNN stepped from Python with the reference's sort-based sampler
 (:class:`TorchRNN`, written from spikegpt.md), a stand-in for the reference under the same load;
-``torch_rnn_max_logit_diff`` checks that it computes the same logits as :meth:`SpikeGPT.step`.
+``torch_rnn_max_logit_diff`` checks that it computes the same logits as :meth:`SpikeGPT.step`
+(``--torch-lengths``: where it is timed; it runs torch on one thread, see :meth:`TorchRNN.generate`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="new tokens per call")
     parser.add_argument("--quadratic-lengths", type=int, nargs="*", default=[256, 512],
                         help="lengths at which the re-run-the-forward baseline is timed too")
+    parser.add_argument("--torch-lengths", type=int, nargs="*", default=[256],
+                        help="lengths at which the PyTorch RNN stand-in is timed too (when torch is installed)")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds (medians reported)")
     parser.add_argument("--seed", type=int, default=0)
@@ -138,15 +141,23 @@ class TorchRNN:
         return int(torch.multinomial(probs.pow(1.0 / TEMPERATURE), num_samples=1)[0])
 
     def generate(self, prompt: list[int], n: int) -> list[int]:
-        """``n`` sampled tokens after ``prompt``, one Python-level step per token (prompt included)."""
-        with self.torch.no_grad():
-            state = self.init_state()
-            for token in prompt:
-                logits = self.step(token, state)
-            out = []
-            for _ in range(n):
-                out.append(self.sample(logits))
-                logits = self.step(out[-1], state)
+        """``n`` sampled tokens after ``prompt``, one Python-level step per token (prompt included).
+
+        Runs torch on one thread: on a loaded 2-core CPU its two OpenMP threads spin against the other jobs
+        (measured here: 1.2 s per step with two threads, 8 ms with one)."""
+        threads = self.torch.get_num_threads()
+        self.torch.set_num_threads(1)
+        try:
+            with self.torch.no_grad():
+                state = self.init_state()
+                for token in prompt:
+                    logits = self.step(token, state)
+                out = []
+                for _ in range(n):
+                    out.append(self.sample(logits))
+                    logits = self.step(out[-1], state)
+        finally:
+            self.torch.set_num_threads(threads)
         return out
 
 
@@ -174,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     for n in args.lengths:
         variants = {"rnn_step": lambda n=n: _generate(graphdef, params, prompt, key, temperature, top_p,
                                                       max_new_tokens=n)}
-        if torch_rnn is not None:
+        if torch_rnn is not None and n in args.torch_lengths:
             variants["torch_rnn"] = lambda n=n: torch_rnn.generate(prompt_list, n)
         if n in args.quadratic_lengths:
             variants["rerun_parallel_forward"] = lambda n=n: _generate_by_rerunning(graphdef, params, prompt, key,
@@ -187,14 +198,14 @@ def run(args: argparse.Namespace) -> dict:
             row["tokens_agree"] = float(np.mean(tokens[0] == tokens[1]))
             row["speedup_vs_rerun"] = (row["rerun_parallel_forward"]["median_s"] / row["rnn_step"]["median_s"])
         row["vs_reference_rnn_issue_17"] = row["rnn_step"]["tokens_per_s"] / REFERENCE_RNN_TOKENS_PER_S
-        if torch_rnn is not None:
+        if "torch_rnn" in row:
             row["speedup_vs_torch_rnn"] = row["torch_rnn"]["median_s"] / row["rnn_step"]["median_s"]
         results["lengths"][str(n)] = row
         print(f"{n} new tokens: RNN step {row['rnn_step']['tokens_per_s']:.0f} tokens/s"
               + (f", re-run forward {row['rerun_parallel_forward']['tokens_per_s']:.1f} tokens/s "
                  f"({row['speedup_vs_rerun']:.1f}x)" if "speedup_vs_rerun" in row else "")
               + (f", torch RNN {row['torch_rnn']['tokens_per_s']:.0f} tokens/s ({row['speedup_vs_torch_rnn']:.1f}x)"
-                 if torch_rnn is not None else ""), flush=True)
+                 if "torch_rnn" in row else ""), flush=True)
     for name in ("rnn_step", "rerun_parallel_forward", "torch_rnn"):
         timed_lengths = [n for n in args.lengths if name in results["lengths"][str(n)]]
         if len(timed_lengths) > 1:

@@ -43,6 +43,7 @@ def test_forward_benchmark_reports_compile_time_medians_and_matmul_ratios():
 @pytest.mark.slow
 def test_generate_benchmark_compares_the_rnn_with_rerunning_the_forward():
     results = bench.main(["generate", "--preset", "spikegpt-tiny", "--lengths", "4", "8", "--quadratic-lengths", "8",
+                          "--torch-lengths", "8",
                           "--prompt-len", "3", "--repeats", "1"])
     assert {"rnn_step", "vs_reference_rnn_issue_17"} <= set(results["lengths"]["4"])
     assert "rerun_parallel_forward" not in results["lengths"]["4"]
