@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m experiments.bench {forward,candidates,quantize} ...``.
+"""Benchmarks: ``python -m experiments.bench {forward,candidates,quantize,generate} ...``.
 
 Each sub-command lives in its own module (``experiments.bench_<name>``) exposing
 ``add_arguments(parser)`` and ``run(args) -> dict``; results are printed and written as JSON.
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "forward": "SpikeGPT forward throughput vs plain matmuls of the same shapes",
     "candidates": "batched (vmap) vs one-at-a-time evaluation of quantization candidates",
     "quantize": "cost per candidate of fake-quantizing the weights (flops, bytes, temporaries, time)",
+    "generate": "RNN-mode generation (O(1) per token) vs re-running the parallel forward per token",
 }
 
 

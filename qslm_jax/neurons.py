@@ -47,16 +47,21 @@ def lif_multistep(
     v_threshold: float = 1.0,
     v_reset: float = 0.0,
     time_axis: int = 1,
-) -> jax.Array:
+    membrane: jax.Array | None = None,
+    return_membrane: bool = False,
+):
     """Multi-step LIF with hard reset, scanned over ``time_axis``; returns the spikes.
 
-    For every step t with input current ``x_t`` and membrane ``v`` (starting at ``v_reset`` = 0):
+    For every step t with input current ``x_t`` and membrane ``v`` (starting at ``membrane``, default
+    ``v_reset`` = 0, a fresh sequence):
 
         h_t = v + (x_t - (v - v_reset)) / tau        (charge; for v_reset = 0: v + (x_t - v)/tau)
         s_t = H(h_t - v_threshold)                   (fire, ATan surrogate in the backward pass)
         v   = h_t * (1 - s_t) + v_reset * s_t        (hard reset; not detached)
 
-    The operation order matches spikingjelly's so that fp32 spikes are bit-identical.
+    The operation order matches spikingjelly's so that fp32 spikes are bit-identical. With
+    ``return_membrane`` the result is ``(spikes, v)``, ``v`` the membrane after the last step (the shape of
+    ``x`` without ``time_axis``): continuing from it gives the spikes of the concatenated input.
     """
     xs = jnp.moveaxis(x, time_axis, 0)
 
@@ -66,9 +71,10 @@ def lif_multistep(
         v_next = h * (1.0 - s) + v_reset * s
         return v_next, s
 
-    v0 = jnp.full(xs.shape[1:], v_reset, dtype=x.dtype)
-    _, spikes = jax.lax.scan(step, v0, xs)
-    return jnp.moveaxis(spikes, 0, time_axis)
+    v0 = jnp.full(xs.shape[1:], v_reset, dtype=x.dtype) if membrane is None else membrane
+    v_last, spikes = jax.lax.scan(step, v0, xs)
+    spikes = jnp.moveaxis(spikes, 0, time_axis)
+    return (spikes, v_last) if return_membrane else spikes
 
 
 def if_step(u: jax.Array, current: jax.Array, v_threshold: float | jax.Array = 1.0, *, surrogate: bool = False):

@@ -46,6 +46,15 @@ def test_lif_matches_loop_reference_and_resets_per_sequence():
     np.testing.assert_array_equal(lif_multistep(jnp.asarray(x[1:2])), _lif_reference(x)[1:2])
 
 
+def test_lif_continues_from_a_membrane():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(0.8, 1.0, size=(2, 12, 3)).astype(np.float32))
+    first, v = lif_multistep(x[:, :5], return_membrane=True)
+    rest = lif_multistep(x[:, 5:], membrane=v)
+    np.testing.assert_array_equal(np.concatenate([first, rest], axis=1), _lif_reference(np.asarray(x)))
+    assert np.any(np.asarray(v) != 0)
+
+
 def test_lif_hand_computed_trace():
     # x = 1.5 each step: h1 = 0.75 (no spike), h2 = 0.75 + 0.375 = 1.125 (spike, reset), h3 = 0.75 ...
     spikes = lif_multistep(jnp.full((1, 4, 1), 1.5))

@@ -52,6 +52,25 @@ def test_logits_match_reference(reference, mode):
     np.testing.assert_allclose(np.asarray(logits), io[f"logits_{mode}"], rtol=0, atol=LOGIT_TOL)
 
 
+@pytest.mark.parametrize("mode", ["rnn", "gpt"])
+def test_token_by_token_steps_match_reference(reference, mode):
+    # model_run.py's RNN: one token at a time, the state carried between tokens (fixture logits_rnn)
+    folder, io, _ = reference
+    model = load_spikegpt(folder / "tiny_random.pth", mode=mode)
+    idx = jnp.asarray(io["input_idx"])
+
+    def token_by_token(m, tokens):
+        def one(state, column):
+            logits, state = m.step(column, state)
+            return state, logits
+
+        return jnp.swapaxes(jax.lax.scan(one, m.init_state(tokens.shape[0]), tokens.T)[1], 0, 1)
+
+    with jax.default_matmul_precision("highest"):
+        logits = _jitted(model, token_by_token)(idx)
+    np.testing.assert_allclose(np.asarray(logits), io[f"logits_{mode}"], rtol=0, atol=LOGIT_TOL)
+
+
 def test_gpt_mode_lif_spikes_identical_and_currents_close(reference):
     folder, io, summary = reference
     model = load_spikegpt(folder / "tiny_random.pth", mode="gpt")
@@ -106,8 +125,33 @@ def test_wkv_matches_direct_sum_including_large_exponents():
     k = rng.normal(scale=3.0, size=shape)
     k[0, 3] = 80.0  # e^80 overflows no float32 intermediate in the stable form
     v = rng.normal(size=shape)
-    got = wkv(*(jnp.asarray(a, jnp.float32) for a in (w, u, k, v)))
+    got, _ = wkv(*(jnp.asarray(a, jnp.float32) for a in (w, u, k, v)))
     np.testing.assert_allclose(np.asarray(got), _wkv_direct(w, u, k, v), rtol=2e-5, atol=2e-6)
+
+
+def test_advancing_in_chunks_equals_one_pass(fixtures_dir):
+    # the state after a chunk continues the sequence: two chunks of 8 tokens give the 16-token outputs
+    folder = fixtures_dir / "spikegpt_L2_C64_V100"  # weights that fire
+    model = load_spikegpt(folder / "tiny_random.pth", mode="rnn")
+    idx = jnp.asarray(np.load(folder / "io.npz")["input_idx"])
+    advance = _jitted(model, SpikeGPT.advance)
+    whole, traces, final = advance(idx, model.init_state(2))
+    state, pieces = model.init_state(2), []
+    for chunk in (idx[:, :8], idx[:, 8:]):
+        h, _, state = advance(chunk, state)
+        pieces.append(h)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, rtol=0, atol=1e-4)
+    for got, expected in zip(jax.tree.leaves(state), jax.tree.leaves(final), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert 0 < float(jnp.mean(traces[0].lif1_spk)) < 1  # the membranes carried across chunks do fire
+
+
+def test_init_state_shapes_and_values():
+    model = _tiny()
+    state = model.init_state(3)
+    assert len(state) == model.config.n_layer
+    assert {leaf.shape for leaf in jax.tree.leaves(state)} == {(3, 32)}
+    assert state[0].att.wkv.exponent.max() == np.float32(-1e38) and float(state[1].lif2.max()) == 0.0
 
 
 def test_token_shift_hand_example():

@@ -6,6 +6,10 @@ and token shift, and an untied LM head. The tokens are the LIF neurons' time ste
 
 Both reference forward passes are one parallel forward here; the RNN-mode quirks of the official ``run.py``
 are config flags (``binarize_embedding``, ``rescale_every``), see :meth:`SpikeGPTConfig.with_mode`.
+The same forward also runs as the RNN it is (``src/model_run.py``): :meth:`SpikeGPT.init_state` and
+:meth:`SpikeGPT.step` carry each block's recurrent state (:class:`BlockState`: token-shift inputs, the WKV
+numerator, denominator and running exponent, the two LIF membranes) from one token to the next, so a token costs
+O(1); :meth:`SpikeGPT.advance` runs a whole chunk in parallel from a state (prompt prefill).
 
 Parameter layout (a contract for the converter and the quantization code): ``emb``, ``ln0``,
 ``blocks[i].{ln1, ln2, att, ffn}``, ``ln_out``, ``head`` and, when ``n_classes > 0``, ``classifier``.
@@ -113,9 +117,11 @@ PRESETS: dict[str, SpikeGPTConfig] = {
 }
 
 
-def token_shift(h: jax.Array) -> jax.Array:
-    """``shift(h)[:, t] = h[:, t-1]`` with zeros at ``t = 0`` (h is ``(B, T, C)``)."""
-    return jnp.pad(h[:, :-1], ((0, 0), (1, 0), (0, 0)))
+def token_shift(h: jax.Array, previous: jax.Array | None = None) -> jax.Array:
+    """``shift(h)[:, t] = h[:, t-1]`` (h is ``(B, T, C)``); at ``t = 0`` the ``(B, C)`` ``previous`` (the
+    input of the token before this chunk), zeros for a fresh sequence."""
+    first = jnp.zeros_like(h[:, :1]) if previous is None else previous[:, None].astype(h.dtype)
+    return jnp.concatenate([first, h[:, :-1]], axis=1)
 
 
 def _mix(h: jax.Array, shifted: jax.Array, mu: nnx.Param) -> jax.Array:
@@ -124,12 +130,31 @@ def _mix(h: jax.Array, shifted: jax.Array, mu: nnx.Param) -> jax.Array:
     return h * mu + shifted * (1.0 - mu)
 
 
-def wkv(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+class WKVState(NamedTuple):
+    """The WKV recurrence's state after a token (each ``(B, C)``): numerator ``p`` and denominator ``q``,
+    both scaled by ``e^{-o}``, and the running maximum exponent ``o``."""
+
+    num: jax.Array
+    den: jax.Array
+    exponent: jax.Array
+
+
+def wkv_init(shape: tuple[int, ...], dtype=jnp.float32) -> WKVState:
+    """The state before the first token: ``(p, q, o) = (0, 0, -1e38)`` (``model_run.py`` starts ``o`` at -1e30;
+    both make ``e^{o - .}`` exactly 0 in float32, so the outputs are the same)."""
+    zeros = jnp.zeros(shape, dtype)
+    return WKVState(zeros, zeros, jnp.full(shape, WKV_INIT_EXPONENT, dtype))
+
+
+def wkv(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
+        state: WKVState | None = None) -> tuple[jax.Array, WKVState]:
     """RWKV-4 WKV over the time axis 1 of ``k, v`` (``(B, T, C)``), per channel, as a ``lax.scan``.
 
     ``y_t = (sum_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i<t} e^{(t-1-i)w + k_i} + e^{u+k_t})``
     in the stable (p, q, o) form of spikegpt.md: ``o`` is the running maximum exponent, ``p`` and ``q`` the
     numerator and denominator scaled by ``e^{-o}``. ``w = -exp(time_decay)`` (< 0), ``u = time_first``.
+    Starts from ``state`` (default :func:`wkv_init`: a fresh sequence); returns ``y`` and the state after
+    the last token.
     """
 
     def step(carry, kv_t):
@@ -142,12 +167,11 @@ def wkv(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         wo = w + o
         no = jnp.maximum(wo, k_t)
         a, b = jnp.exp(wo - no), jnp.exp(k_t - no)
-        return (a * p + b * v_t, a * q + b, no), y
+        return WKVState(a * p + b * v_t, a * q + b, no), y
 
-    zeros = jnp.zeros(k.shape[:1] + k.shape[2:], k.dtype)
-    init = (zeros, zeros, jnp.full_like(zeros, WKV_INIT_EXPONENT))
-    _, y = jax.lax.scan(step, init, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
-    return jnp.swapaxes(y, 0, 1)
+    init = wkv_init(k.shape[:1] + k.shape[2:], k.dtype) if state is None else state
+    last, y = jax.lax.scan(step, init, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
+    return jnp.swapaxes(y, 0, 1), last
 
 
 def _linear(n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
@@ -161,6 +185,31 @@ def _layer_norm(n: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def _ramp(n: int, start: float, stop: float) -> nnx.Param:
     return nnx.Param(jnp.linspace(start, stop, n, dtype=jnp.float32))
+
+
+class TimeMixState(NamedTuple):
+    """TimeMix's state after a token: the token-shift input ``shift`` (its ``ln1`` output, ``(B, C)``) and the
+    WKV state."""
+
+    shift: jax.Array
+    wkv: WKVState
+
+
+class BlockState(NamedTuple):
+    """One block's recurrent state after a token (every array ``(B, C)``; ``model_run.py``'s ``xx``/``aa``/
+    ``bb``/``pp`` per sub-block plus the LIF membranes): TimeMix's state, LIF1's membrane, ChannelMix's
+    token-shift input (its ``ln2`` output) and LIF2's membrane."""
+
+    att: TimeMixState
+    lif1: jax.Array
+    ffn_shift: jax.Array
+    lif2: jax.Array
+
+
+def block_init_state(batch: int, n_embd: int, dtype=jnp.float32) -> BlockState:
+    """A block's state before the first token: zero token-shift inputs and membranes, :func:`wkv_init`."""
+    zeros = jnp.zeros((batch, n_embd), dtype)
+    return BlockState(TimeMixState(zeros, wkv_init((batch, n_embd), dtype)), zeros, zeros, zeros)
 
 
 class TimeMix(nnx.Module):
@@ -181,15 +230,17 @@ class TimeMix(nnx.Module):
         self.receptance = _linear(n_embd, n_embd, rngs)
         self.output = _linear(n_embd, n_embd, rngs)
 
-    def __call__(self, h: jax.Array, output_scale: float = 1.0) -> jax.Array:
-        """The mixer on the LayerNorm output ``h`` (B, T, C); ``output_scale`` multiplies ``Wo``'s output."""
-        shifted = token_shift(h)
+    def __call__(self, h: jax.Array, state: TimeMixState, output_scale: float = 1.0
+                 ) -> tuple[jax.Array, TimeMixState]:
+        """The mixer on the LayerNorm output ``h`` (B, T, C) continuing from ``state``, and the state after the
+        last token; ``output_scale`` multiplies ``Wo``'s output."""
+        shifted = token_shift(h, state.shift)
         k = self.key(_mix(h, shifted, self.time_mix_k))
         v = self.value(_mix(h, shifted, self.time_mix_v))
         r = self.receptance(_mix(h, shifted, self.time_mix_r))
-        y = wkv(-jnp.exp(self.time_decay[...]), self.time_first[...], k, v)
+        y, wkv_state = wkv(-jnp.exp(self.time_decay[...]), self.time_first[...], k, v, state.wkv)
         out = self.output(jax.nn.sigmoid(r) * y)
-        return out if output_scale == 1.0 else out * output_scale
+        return (out if output_scale == 1.0 else out * output_scale), TimeMixState(h[:, -1], wkv_state)
 
 
 class ChannelMix(nnx.Module):
@@ -202,14 +253,16 @@ class ChannelMix(nnx.Module):
         self.receptance = _linear(n_embd, n_embd, rngs)
         self.value = _linear(4 * n_embd, n_embd, rngs)
 
-    def __call__(self, h: jax.Array, output_scale: float = 1.0) -> jax.Array:
-        """The feed-forward on the LayerNorm output ``h``; ``output_scale`` multiplies ``Wv``'s output."""
-        shifted = token_shift(h)
+    def __call__(self, h: jax.Array, previous: jax.Array, output_scale: float = 1.0
+                 ) -> tuple[jax.Array, jax.Array]:
+        """The feed-forward on the LayerNorm output ``h`` after the token-shift input ``previous`` (B, C), and
+        the last token's ``h`` (the next chunk's ``previous``); ``output_scale`` multiplies ``Wv``'s output."""
+        shifted = token_shift(h, previous)
         kk = jnp.square(jax.nn.relu(self.key(_mix(h, shifted, self.time_mix_k))))
         kv = self.value(kk)
         if output_scale != 1.0:
             kv = kv * output_scale
-        return jax.nn.sigmoid(self.receptance(_mix(h, shifted, self.time_mix_r))) * kv
+        return jax.nn.sigmoid(self.receptance(_mix(h, shifted, self.time_mix_r))) * kv, h[:, -1]
 
 
 class BlockTrace(NamedTuple):
@@ -230,14 +283,16 @@ class Block(nnx.Module):
         self.att = TimeMix(n_embd, rngs=rngs)
         self.ffn = ChannelMix(n_embd, rngs=rngs)
 
-    def __call__(self, x: jax.Array, output_scale: float = 1.0) -> tuple[jax.Array, BlockTrace]:
-        """The updated residual stream and the block's LIF currents and spikes."""
-        a = self.att(self.ln1(x), output_scale)
-        s1 = lif_multistep(a)
+    def __call__(self, x: jax.Array, state: BlockState, output_scale: float = 1.0
+                 ) -> tuple[jax.Array, BlockTrace, BlockState]:
+        """The updated residual stream ``(B, T, C)`` continuing from ``state``, the block's LIF currents and
+        spikes, and its state after the last token."""
+        a, att_state = self.att(self.ln1(x), state.att, output_scale)
+        s1, lif1 = lif_multistep(a, membrane=state.lif1, return_membrane=True)
         x = x + s1
-        f = self.ffn(self.ln2(x), output_scale)
-        s2 = lif_multistep(f)
-        return x + s2, BlockTrace(a, s1, f, s2)
+        f, ffn_shift = self.ffn(self.ln2(x), state.ffn_shift, output_scale)
+        s2, lif2 = lif_multistep(f, membrane=state.lif2, return_membrane=True)
+        return x + s2, BlockTrace(a, s1, f, s2), BlockState(att_state, lif1, ffn_shift, lif2)
 
 
 class SpikeGPT(nnx.Module):
@@ -258,17 +313,49 @@ class SpikeGPT(nnx.Module):
         if config.n_classes > 0:
             self.classifier = _linear(c, config.n_classes, rngs)
 
-    def features(self, idx: jax.Array) -> tuple[jax.Array, list[BlockTrace]]:
-        """``ln_out`` of the final residual stream ``(B, T, C)`` and every block's :class:`BlockTrace`."""
+    def with_mode(self, mode: str) -> SpikeGPT:
+        """This model's parameters (shared, not copied) under the config of forward ``mode`` ("gpt" or "rnn",
+        :meth:`SpikeGPTConfig.with_mode`)."""
+        config = self.config.with_mode(mode)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: SpikeGPT(config, rngs=nnx.Rngs(0))))
+        return nnx.merge(graphdef, nnx.state(self))
+
+    def init_state(self, batch: int) -> tuple[BlockState, ...]:
+        """The recurrent state of ``batch`` fresh sequences: one :func:`block_init_state` per block."""
+        return tuple(block_init_state(batch, self.config.n_embd) for _ in self.blocks)
+
+    def advance(self, idx: jax.Array, state: tuple[BlockState, ...]
+                ) -> tuple[jax.Array, list[BlockTrace], tuple[BlockState, ...]]:
+        """Run the tokens ``idx`` ``(B, T)`` after those that led to ``state``: ``ln_out`` of the final residual
+        stream ``(B, T, C)``, every block's :class:`BlockTrace` and the state after the last token.
+
+        Splitting a sequence into chunks and advancing chunk by chunk gives the outputs of the whole sequence
+        (each chunk is parallel over its tokens, the recurrences carry across chunks).
+        """
         e = self.emb(idx)
         x = self.ln0(spike(e) if self.config.binarize_embedding else e)
-        traces = []
-        for i, block in enumerate(self.blocks):
-            x, trace = block(x, self.config.output_scale(i))
+        traces, states = [], []
+        for i, (block, block_state) in enumerate(zip(self.blocks, state, strict=True)):
+            x, trace, block_state = block(x, block_state, self.config.output_scale(i))
             if self.config.halves_after(i):
                 x = x / 2
             traces.append(trace)
-        return self.ln_out(x), traces
+            states.append(block_state)
+        return self.ln_out(x), traces, tuple(states)
+
+    def step(self, tokens: jax.Array, state: tuple[BlockState, ...]
+             ) -> tuple[jax.Array, tuple[BlockState, ...]]:
+        """RNN mode (``model_run.py``'s ``forward`` for one token per sequence): next-token logits ``(B, V)``
+        for ``tokens`` ``(B,)`` following ``state``, and the new state. Feeding a sequence token by token from
+        :meth:`init_state` gives the logits of ``model(idx)`` (with this config's quirk flags)."""
+        h, _, state = self.advance(tokens[:, None], state)
+        return self.head(h[:, 0]), state
+
+    def features(self, idx: jax.Array) -> tuple[jax.Array, list[BlockTrace]]:
+        """``ln_out`` of the final residual stream ``(B, T, C)`` and every block's :class:`BlockTrace`
+        (fresh sequences: :meth:`advance` from :meth:`init_state`)."""
+        h, traces, _ = self.advance(idx, self.init_state(idx.shape[0]))
+        return h, traces
 
     def __call__(self, idx: jax.Array, *, return_spike_rates: bool = False):
         """Logits ``(B, T, V)``; with ``return_spike_rates`` also :func:`spike_rates` ``(n_layer, 2)``."""

@@ -110,10 +110,7 @@ class Evaluator:
         """Candidates per device that fit ``memory_budget_bytes`` (XLA memory analysis of one candidate)."""
         key = tuple(sorted((k, v.shape) for k, v in batches.items()))
         if key not in self._chunk_by_shape:
-            one = self.hierarchy.stacked_bits([QuantPlan()])
-            lowered = jax.jit(self._candidate_stats).lower(self._params, self._clip, self._rest, one, batches)
-            compiled = lowered.compile()
-            analysis = compiled.memory_analysis()
+            analysis = self.memory_analysis(1, batches)
             fixed = analysis.argument_size_in_bytes  # parameters, batches (replicated on every device)
             per_candidate = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
             if self._budget < fixed + per_candidate:
@@ -122,6 +119,13 @@ class Evaluator:
                                   f"candidate); raise the budget or pass chunk_size")
             self._chunk_by_shape[key] = (self._budget - fixed) // per_candidate
         return self._chunk_by_shape[key]
+
+    def memory_analysis(self, chunk: int, batches: Mapping[str, Any]):
+        """XLA's memory analysis (bytes of arguments, outputs, temporaries) of the candidate function for
+        ``chunk`` candidates on stacked ``batches`` (:func:`stack_batches`); compiles it once more to find out."""
+        bits = self.hierarchy.stacked_bits([QuantPlan()] * chunk)
+        compiled = jax.jit(self._candidate_stats).lower(self._params, self._clip, self._rest, bits, batches).compile()
+        return compiled.memory_analysis()
 
     def stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
         """The metric's statistics of every plan, summed over all batches (float64)."""
