@@ -41,6 +41,8 @@ from qslm_jax.qslm.search import (
     Evaluate,
     Judge,
     SearchResult,
+    check_baseline,
+    check_constraints,
     search_levels,
 )
 from qslm_jax.quant.memory import MB
@@ -152,19 +154,16 @@ def knapsack_search(
     """The knapsack strategy of the module docstring; ``const_m`` in MB. ``batch_size``: plans per call of
     the knapsack and repair rounds (the evaluator's largest compiled size); ``fractions``: the budgets of the
     first call as fractions of ``const_a`` (at most ``batch_size`` of them are used)."""
-    if const_a < 0 or const_m <= 0 or batch_size < 1:
-        raise ConfigError(f"expected const_a >= 0, const_m > 0 (MB) and batch_size >= 1, found const_a={const_a}, "
-                          f"const_m={const_m}, batch_size={batch_size}")
+    check_constraints(const_a, const_m)
+    if batch_size < 1:
+        raise ConfigError(f"expected batch_size >= 1 (plans per call), found {batch_size}")
     q_levels = search_levels(levels)
     units = knapsack_units(hierarchy)
     evaluator = CachedEvaluator(evaluate, hierarchy, journal)
     seconds = dict.fromkeys(("baseline", "sensitivity", "knapsack", "repair"), 0.0)
 
     tic = time.perf_counter()
-    baseline_metric = evaluator([QuantPlan()])[0]
-    if not math.isfinite(baseline_metric):
-        raise ConfigError(f"the fp32 baseline metric is {baseline_metric}: expected a finite number; check "
-                          f"the evaluator and the data before searching")
+    baseline_metric = check_baseline(evaluator([QuantPlan()])[0])
     judge = Judge(hierarchy, baseline_metric, const_a, const_m, higher_is_better)
     baseline = judge.candidate(QuantPlan(), "baseline", MODEL_UNIT, FP32, baseline_metric)
     seconds["baseline"] = time.perf_counter() - tic

@@ -180,6 +180,21 @@ class CachedEvaluator:
         return [self.cache[plan.key()] for plan in plans]
 
 
+def check_constraints(const_a: float, const_m: float) -> None:
+    """Refuse ``const_a < 0`` or ``const_m <= 0`` (MB) with a :class:`ConfigError`."""
+    if const_a < 0 or const_m <= 0:
+        raise ConfigError(f"expected const_a >= 0 and const_m > 0 (MB), found const_a={const_a}, "
+                          f"const_m={const_m}")
+
+
+def check_baseline(metric: float) -> float:
+    """The fp32 baseline ``metric``, refused (:class:`ConfigError`) when it is not finite."""
+    if not math.isfinite(metric):
+        raise ConfigError(f"the fp32 baseline metric is {metric}: expected a finite number; check the "
+                          f"evaluator and the data before searching")
+    return metric
+
+
 def _check_order(hierarchy: Hierarchy, order: Sequence[str] | None) -> tuple[str, ...]:
     if order is None:
         return tuple(hierarchy.blocks)
@@ -344,10 +359,7 @@ class _Schedule:
             on_batch(batch, metrics)
 
     def _set_baseline(self, metric: float) -> None:
-        if not math.isfinite(metric):
-            raise ConfigError(f"the fp32 baseline metric is {metric}: expected a finite number; check the "
-                              f"evaluator and the data before searching")
-        self.baseline_metric = metric
+        self.baseline_metric = check_baseline(metric)
         if self.table is not None:
             self.predict = AdditivePrediction(self.evaluator.hierarchy, self.table, metric, self.higher_is_better)
 
@@ -443,9 +455,7 @@ def tiered_search(
     (without it every call holds one plan, or the baseline and the first global plan). ``batch_sizes``: the
     numbers of plans a call may hold (the evaluator's compiled sizes, so that no slot is padding).
     """
-    if const_a < 0 or const_m <= 0:
-        raise ConfigError(f"expected const_a >= 0 and const_m > 0 (MB), found const_a={const_a}, "
-                          f"const_m={const_m}")
+    check_constraints(const_a, const_m)
     q_levels = search_levels(levels)
     order = _check_order(hierarchy, order)
     evaluator = CachedEvaluator(evaluate, hierarchy, journal)
