@@ -11,8 +11,8 @@ from experiments import tiered
 from qslm_jax.qslm import pipeline
 from qslm_jax.qslm.power import PowerMeter
 
-COMMON = ["--model", "spikegpt-micro", "--init", "random", "--levels", "32,8,4,2", "--no-progress",
-          "--task", "wikitext2", "--eval-limit", "200"]
+COMMON = ["--model", "spikegpt-micro", "--init", "random", "--levels", "32,4,2", "--no-progress",
+          "--task", "wikitext2", "--eval-limit", "64"]
 
 
 def _run(tmp_path, *extra):
@@ -20,6 +20,7 @@ def _run(tmp_path, *extra):
     return code, json.loads((tmp_path / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_knapsack_strategy_end_to_end(tmp_path, data_dir):
     code, report = _run(tmp_path, "--strategy", "knapsack", "--const-a", "50", "--const-m-frac", "0.5")
     assert code == 0
@@ -34,6 +35,7 @@ def test_knapsack_strategy_end_to_end(tmp_path, data_dir):
     assert again["evaluations"] == 0 and again["cost"]["slots"] == 0  # resumed from the journal
 
 
+@pytest.mark.slow
 def test_no_stop_reaches_at_least_the_stopped_candidates(tmp_path, data_dir):
     args = ("--const-a", "0.5", "--const-m-frac", "0.6")
     _, stopped = _run(tmp_path / "stop", *args)
@@ -53,27 +55,27 @@ def test_no_stop_needs_the_tiered_strategy(tmp_path, capsys):
     assert "--no-stop" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_power_per_candidate_uses_slots_and_excludes_compilation(tmp_path, data_dir, monkeypatch):
-    windows = []
+    windows, seen = [], {}
 
     class Injected(PowerMeter):
         def __init__(self):
             super().__init__(read_watts=lambda: 100.0, interval_s=0.01)
 
         def __enter__(self):
-            windows.append(current.compilations)
+            windows.append(seen["evaluator"].compilations)
             return super().__enter__()
 
         def __exit__(self, *exc):
-            windows.append(current.compilations)
+            windows.append(seen["evaluator"].compilations)
             return super().__exit__(*exc)
 
     prepare = pipeline.prepare_evaluation
 
     def keep(*args, **kwargs):
-        global current
         ctx = prepare(*args, **kwargs)
-        current = ctx.evaluator
+        seen["evaluator"] = ctx.evaluator
         return ctx
 
     monkeypatch.setattr(pipeline, "PowerMeter", Injected)
