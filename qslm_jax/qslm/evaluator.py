@@ -10,7 +10,12 @@ D): K = 8 gives 8, 4, 2, 1. A list of n plans is cut into chunks of K, and the r
 (n = 8a + 4b + 2c + d), so no slot is padding (with D > 1 a rest below D is padded by repeating the last plan). A
 search therefore costs at most ``len(chunk_sizes)`` compilations per batch shape (4 for K = 8), each compiled once
 ahead of time (:meth:`Evaluator.prepare`, timed in ``compile_seconds``) and reused for every later call. ``calls``
-and ``slots`` count the compiled calls and the candidate slots they computed (padding included).
+and ``slots`` count the compiled calls and the candidate slots they computed (padding included). Why the extra
+compilations pay: a compilation is paid once per size, a padded slot costs a whole candidate evaluation every
+time it is computed (one chunk size of 8 left about 60% of the module-phase slots of case b1 as padding).
+Not done: sharing the forward pass of the layers that all candidates of a call quantize alike (the prefix
+before the first block they differ in); it would need the model split at a layer and the prefix activations of
+every batch kept, and with the scheduled search's small calls it would save little.
 
 With several devices the candidate axis is sharded over a 1-D mesh (``jit`` + ``NamedSharding``); parameters and
 batches are replicated. Statistics are summed over batches in float64 on the host, so e.g. perplexity over a split
