@@ -28,7 +28,7 @@ from experiments.common import (
 )
 from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.models import load_for_task
-from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb, run_qslm
+from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, STRATEGIES, QSLMSettings, case_budget_mb, run_qslm
 from qslm_jax.qslm.selection import ALPHAS
 from qslm_jax.qslm.tasks import TASKS, get_task
 from qslm_jax.quant.hierarchy import hierarchy_of
@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory budget as a fraction of fp32")
     p.add_argument("--alpha", type=finite_float, default=0.5, help="trade-off factor of the selection score")
     p.add_argument("--alphas", type=parse_levels, default=ALPHAS, help="alphas of the ablation")
+    p.add_argument("--strategy", choices=STRATEGIES, default="tiered",
+                   help="tiered: the paper's global -> block -> module search; knapsack: per-unit levels minimising "
+                        "memory under the metric drop predicted from measured block/module sensitivities, "
+                        "evaluated and repaired until feasible (qslm_jax.qslm.knapsack)")
+    p.add_argument("--no-stop", action="store_true",
+                   help="tiered: evaluate every level of each unit and keep the lowest that passes, instead of "
+                        "the paper's stop at a unit's first failing level (more evaluations, more candidates)")
     add_model_and_evaluation_arguments(p)
     return p
 
@@ -92,7 +99,7 @@ def _run(args) -> int:
                             alphas=args.alphas, eval_limit=args.eval_limit,
                             eval_batch_size=eval_batch_size(args, task), chunk_size=args.chunk_size,
                             devices=args.devices, case=case, selection_split=args.selection_split,
-                            scheme=scheme_of(args))
+                            scheme=scheme_of(args), strategy=args.strategy, stop=not args.no_stop)
     out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
     report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                             journal_path=args.journal, progress=not args.no_progress)

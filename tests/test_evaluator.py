@@ -75,8 +75,10 @@ def test_perplexity_is_exact_over_the_split_not_a_mean_of_batches(model, lm_batc
     assert abs(mean_of_ppl - whole) > 1e-3 * whole
 
 
-def test_compiles_once_for_any_list_of_plans(model, lm_batches):
+def test_compiles_each_chunk_size_once_and_never_pads(model, lm_batches):
     evaluator = Evaluator(model, Perplexity(), chunk_size=4)
+    assert evaluator.chunk_sizes(10) == (4, 2, 1)
+    assert evaluator.split(7) == [4, 2, 1] and evaluator.split(9) == [4, 4, 1] and evaluator.split(2) == [2]
     compiles: list[str] = []
 
     def listener(event, duration, **kwargs):
@@ -85,16 +87,28 @@ def test_compiles_once_for_any_list_of_plans(model, lm_batches):
 
     lists = [PLANS[:4], PLANS[2:], [QuantPlan(q) for q in (16, 12, 5, 3)]]
     first = evaluator(lists[0], lm_batches)
+    assert evaluator.compilations == 1 and evaluator.compile_seconds > 0
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         rest = [evaluator(plans, lm_batches) for plans in lists[1:]]
-        shorter = evaluator(PLANS[:3], lm_batches)  # padded to the chunk size
-        longer = evaluator(PLANS, lm_batches)  # two chunks
+        assert compiles == []  # same size: the first compilation is reused
+        shorter = evaluator(PLANS[:3], lm_batches)  # 2 + 1: two more sizes, no padding
+        longer = evaluator(PLANS, lm_batches)  # 4 + 2: nothing new to compile
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert evaluator.compilations == 1
-    assert compiles == []
+    assert evaluator.compilations == 3 and len(compiles) == 2
     assert shorter == first[:3] and longer[:4] == first and longer[2:] == rest[0]
+    assert evaluator.calls == 1 + 2 + 2 + 2
+    assert evaluator.slots == 4 + 8 + 3 + 6  # every computed slot held a requested plan
+
+
+def test_prepare_compiles_outside_the_call(model, lm_batches):
+    evaluator = Evaluator(model, Perplexity(), chunk_size=8)
+    evaluator.prepare(5, lm_batches)  # 4 + 1
+    assert evaluator.compilations == 2 and evaluator.calls == 0
+    seconds = evaluator.compile_seconds
+    evaluator(PLANS[:5], lm_batches)
+    assert evaluator.compile_seconds == seconds and evaluator.slots == 5
 
 
 def test_accuracy_ignores_dummy_rows(model):

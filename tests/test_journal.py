@@ -46,7 +46,7 @@ def test_every_evaluation_is_written_with_a_header(tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["journal"] == "qslm-search" and lines[0]["fingerprint"] == fingerprint(META)
     assert lines[0]["meta"] == META
-    assert len(lines) - 1 == result.evaluations == 19
+    assert len(lines) - 1 == result.evaluations == 14  # the 14 steps of the sequential search (test_search)
     entry = lines[1]
     assert entry["key"] == QuantPlan().key() and entry["metric"] == 90.0
     assert entry["memory_bytes"] == model.hierarchy.fp32_bytes and entry["time"]

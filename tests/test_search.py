@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from qslm_jax.errors import ConfigError
+from qslm_jax.qslm.journal import Journal
 from qslm_jax.qslm.search import (
     MODEL_UNIT,
     degradation,
@@ -17,6 +19,7 @@ from qslm_jax.qslm.search import (
     sensitivity_table,
     tiered_search,
 )
+from qslm_jax.qslm.selection import select
 from qslm_jax.quant.hierarchy import Hierarchy
 from qslm_jax.quant.plan import QuantPlan
 
@@ -73,8 +76,9 @@ class DamageModel:
         return len(self.batches)
 
 
-def sequential_search(hierarchy, evaluate_one, levels, const_a, higher_is_better):
-    """Reference: the per-level loop of qslm.md section 3 written plainly, one evaluation at a time."""
+def sequential_search(hierarchy, evaluate_one, levels, const_a, higher_is_better, stop=True):
+    """Reference: the per-level loop of qslm.md section 3 written plainly, one evaluation at a time
+    (``stop=False``: no stop at a unit's first failure; the unit keeps its lowest passing level)."""
     base = evaluate_one(QuantPlan())
     ok = lambda m: degradation(m, base, higher_is_better) <= const_a  # noqa: E731
     visited = []
@@ -83,20 +87,24 @@ def sequential_search(hierarchy, evaluate_one, levels, const_a, higher_is_better
         cand = QuantPlan(default=q)
         m = evaluate_one(cand)
         visited.append(("global", MODEL_UNIT, q, cand.key(), m))
-        if not ok(m):
+        if ok(m):
+            plan = cand
+        elif stop:
             break
-        plan = cand
     units = [(b, "block") for b in hierarchy.blocks]
     units += [(m, "module") for b in hierarchy.blocks for m in hierarchy.modules_of(b)]
     for unit, phase in units:
         current = plan.block_bits(unit) if phase == "block" else plan.module_bits(unit)
+        kept = plan
         for q in [q for q in levels if q < current]:
             cand = plan.with_block(unit, q) if phase == "block" else plan.with_module(unit, q)
             m = evaluate_one(cand)
             visited.append((phase, unit, q, cand.key(), m))
-            if not ok(m):
+            if ok(m):
+                kept = cand
+            elif stop:
                 break
-            plan = cand
+        plan = kept
     return plan, visited
 
 
@@ -121,10 +129,12 @@ def test_hand_computed_search(higher_is_better):
     assert result.plan == QuantPlan(6, {"attention_0": 4}, {"attention_1/att.key": 4})
     final = model.metric(result.plan)
     assert final == pytest.approx(90 - 1.9 if higher_is_better else 90 + 1.9)
-    # one call per unit: baseline, global, 4 blocks, 4 modules
-    assert result.calls == model.calls == 10
-    assert [len(b) for b in model.batches] == [1, 4, 2, 2, 2, 2, 1, 1, 2, 2]
-    assert result.evaluations == 19 == len(result.candidates)
+    # 14 steps: baseline, global 8 6 4, blocks 4 | 4 2 | 4 | 4, modules 2 | 2 | 4 2 | 4. Without a sensitivity
+    # table nothing is predicted: the baseline shares a call with the first global plan, the rest go one by one
+    assert result.calls == model.calls == 13
+    assert [len(b) for b in model.batches] == [2] + [1] * 12
+    assert result.evaluations == result.used == 14 == len(result.candidates)
+    assert not any(c.after_stop for c in result.candidates)
     assert result.baseline.metric == 90 and result.baseline.phase == "baseline"
     assert set(result.seconds) == {"baseline", "global", "block", "module"}
 
@@ -157,43 +167,101 @@ def test_global_first_level_failing_keeps_fp32_and_blocks_start_at_32():
     # the module phase starts below the block level 6 and fails at 4.
     assert result.plan == QuantPlan(32, {"input": 2, "attention_0": 6})
     global_cands = [c for c in result.candidates if c.phase == "global"]
-    assert [c.level for c in global_cands] == list(LEVELS)  # one batched call holds every level
-    assert [c.after_stop for c in global_cands] == [False, True, True, True]
+    assert [c.level for c in global_cands] == [8]  # the first global level fails: no lower one is reached
 
 
-def test_non_monotone_metric_stops_at_first_failure():
-    # Damage 0.3 at 8, 5 at 6, 0.5 at 4: the 4-bit plan passes `ok` but lies after the first failure.
+def test_non_monotone_metric_stop_rule_and_no_stop():
+    # Damage 0.3 at 8, 5 at 6, 0.5 at 4, 9 at 2: the 4-bit plan passes `ok` but lies after the first failure.
     hierarchy = Hierarchy.from_spec({"only": 100})
     model = DamageModel(hierarchy, {"only": (0.3, 5.0, 0.5, 9.0)})
     result = run(model)
     assert result.global_level == 8 and result.plan == QuantPlan(8)
-    four = [c for c in result.candidates if c.level == 4]
-    assert len(four) == 2  # global 4 and block "only" at 4
-    assert all(c.ok and c.feasible and c.after_stop and not c.selectable for c in four)
+    assert all(c.level != 4 for c in result.candidates if not c.after_stop)  # the paper's rule never reaches 4
     assert {c.level for c in result.feasible} == {32, 8}  # fp32 baseline (within 1 MB) and the global 8
+    # --no-stop: every level of every unit, the unit keeps the lowest that passed
+    no_stop = run(DamageModel(hierarchy, {"only": (0.3, 5.0, 0.5, 9.0)}), stop=False)
+    assert no_stop.global_level == 4 and no_stop.plan == QuantPlan(4)
+    assert [c.level for c in no_stop.candidates if c.phase == "global"] == [8, 6, 4, 2]
+    assert {c.level for c in no_stop.feasible} == {32, 8, 4}
+    assert no_stop.strategy == "tiered-no-stop" and not any(c.after_stop for c in no_stop.candidates)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_batched_search_equals_sequential_loop(seed):
+@pytest.mark.parametrize("stop", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_scheduled_search_equals_sequential_loop(seed, stop):
     rng = np.random.default_rng(seed)
     hierarchy = small_hierarchy()
     # random, partly non-monotone damages: cumulative sums with occasional negative steps
     damage = {u: tuple(np.round(np.cumsum(rng.uniform(-0.3, 1.2, len(LEVELS))), 3)) for u in DAMAGE}
     higher = bool(seed % 2)
     const_a = float(rng.uniform(0.5, 4.0))
-    batched_model = DamageModel(hierarchy, damage, higher_is_better=higher)
-    result = run(batched_model, const_a=const_a, higher_is_better=higher)
-
     one_at_a_time = DamageModel(hierarchy, damage, higher_is_better=higher)
-    plan, visited = sequential_search(hierarchy, lambda p: one_at_a_time([p])[0], LEVELS, const_a, higher)
-    assert result.plan == plan
-    reached = [(c.phase, c.unit, c.level, c.plan.key(), c.metric) for c in result.candidates
-               if c.phase != "baseline" and not c.after_stop]
-    assert reached == visited
-    # one call per unit that has levels below its current one (+ baseline and global)
-    units_tried = 1 + len({(p, u) for p, u, *_ in visited})
-    assert result.calls == units_tried
-    assert one_at_a_time.calls == len(visited) + 1
+    plan, visited = sequential_search(hierarchy, lambda p: one_at_a_time([p])[0], LEVELS, const_a, higher, stop)
+    table = sensitivity_table(hierarchy, DamageModel(hierarchy, damage, higher_is_better=higher), LEVELS)
+    for sensitivity in (None, table):  # without and with speculation
+        batched_model = DamageModel(hierarchy, damage, higher_is_better=higher)
+        result = run(batched_model, const_a=const_a, higher_is_better=higher, stop=stop, sensitivity=sensitivity)
+        assert result.plan == plan
+        reached = [(c.phase, c.unit, c.level, c.plan.key(), c.metric) for c in result.candidates
+                   if c.phase != "baseline" and not c.after_stop]
+        assert reached == visited
+        assert all(len(b) in (1, 2, 4, 8) for b in batched_model.batches)  # allowed sizes only: no padding
+        assert result.used == len(visited) + 1
+        assert result.evaluations == sum(map(len, batched_model.batches)) == len(result.candidates)
+        assert select(result, 0.5).candidate.plan == select(reference_result(result, visited), 0.5).candidate.plan
+
+
+def reference_result(result, visited):
+    """``result`` with its candidates replaced by the sequential loop's (for comparing selections)."""
+    keep = {key for *_, key, _ in visited} | {QuantPlan().key()}
+    return dataclasses.replace(result, candidates=tuple(c for c in result.candidates if c.plan.key() in keep))
+
+
+WIKITEXT_LEVELS = (32, 16, 12, 8, 6, 4, 3, 2)
+SPIKEGPT_MODULES = {"att.key": 1, "att.value": 1, "att.receptance": 1, "att.output": 1, "ffn.key": 4,
+                    "ffn.value": 4, "ffn.receptance": 1}
+
+
+def wikitext_like(n_blocks=4, seed=0):
+    """A WikiText-like case: input, 4 attention blocks of 7 SpikeGPT modules, output; a perplexity whose damage
+    grows fast below 8 bits, with interactions (the damages compound) and a plan-dependent jitter, so the
+    additive prediction from the sensitivity table is only approximately right."""
+    rng = np.random.default_rng(seed)
+    c = 64
+    spec = {"input": 50 * c} | {f"attention_{i}": {m: k * c * c for m, k in SPIKEGPT_MODULES.items()}
+                                for i in range(n_blocks)} | {"output": 50 * c}
+    hierarchy = Hierarchy.from_spec(spec, {f"attention_{i}": 4 * c for i in range(n_blocks)})
+    profile = np.array([0.0, 0.01, 0.05, 0.3, 1.0, 2.5, 6.0])  # levels 16 .. 2
+    scale = {u: float(rng.uniform(0.02, 0.12)) * (4 if u in ("input", "output") else 1)
+             for u in ("input", "output", *hierarchy.modules)}
+    damage = {u: tuple(np.round(k * profile * rng.uniform(0.8, 1.2, 7), 4)) for u, k in scale.items()}
+
+    class Jittered(DamageModel):
+        def metric(self, plan):
+            total = super().metric(plan) - self.base
+            jitter = (hash(plan.key()) % 1000) / 1000 - 0.5
+            return self.base + total * (1 + 0.15 * total) + 0.03 * jitter
+
+    return hierarchy, Jittered(hierarchy, damage, base=26.5, higher_is_better=False, levels=WIKITEXT_LEVELS[1:])
+
+
+@pytest.mark.parametrize("const_a", [1.0, 4.0])
+@pytest.mark.parametrize("stop", [True, False])
+def test_wikitext_like_search_uses_at_least_90_percent_of_its_slots(const_a, stop):
+    hierarchy, model = wikitext_like()
+    table = sensitivity_table(hierarchy, model, WIKITEXT_LEVELS)
+    model.batches.clear()
+    result = tiered_search(hierarchy, model, levels=WIKITEXT_LEVELS, const_a=const_a, const_m=1.0,
+                           higher_is_better=False, sensitivity=table, stop=stop)
+    slots = sum(map(len, model.batches))
+    assert result.used / slots >= 0.9
+    one_at_a_time = DamageModel(hierarchy, {}, higher_is_better=False)
+    one_at_a_time.metric = model.metric
+    plan, visited = sequential_search(hierarchy, lambda p: one_at_a_time([p])[0], WIKITEXT_LEVELS[1:], const_a,
+                                      False, stop)
+    assert result.plan == plan and result.used == len(visited) + 1
+    # the former schedule made one call of 8 slots per unit (all its levels, padded): twice the slots or more
+    assert slots * 2 <= 8 * (1 + len({(phase, unit) for phase, unit, *_ in visited}))
 
 
 def test_module_phase_goes_below_block_level_and_module_overrides_block():
@@ -272,3 +340,17 @@ def test_sensitivity_order_least_sensitive_first():
     # lower is better: the same table mirrored around the baseline gives the same order
     mirrored = {b: {q: 180.0 - m for q, m in row.items()} for b, row in table.items()}
     assert sensitivity_order(mirrored, 90.0, const_a=1.0, higher_is_better=False) == ("a", "c", "b", "d")
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_journal_resume_replays_the_schedule_with_no_evaluation(tmp_path, stop):
+    hierarchy, model = wikitext_like(seed=1)
+    table = sensitivity_table(hierarchy, model, WIKITEXT_LEVELS)
+    args = dict(levels=WIKITEXT_LEVELS, const_a=2.0, const_m=1.0, higher_is_better=False, sensitivity=table,
+                stop=stop)
+    first = tiered_search(hierarchy, model, journal=Journal(tmp_path / "j.jsonl", {"case": 1}), **args)
+    calls = model.calls
+    second = tiered_search(hierarchy, model, journal=Journal(tmp_path / "j.jsonl", {"case": 1}), **args)
+    assert model.calls == calls and second.evaluations == second.calls == second.used == 0
+    assert second.journal_hits == first.evaluations > 0
+    assert [c.to_dict() for c in second.candidates] == [c.to_dict() for c in first.candidates]

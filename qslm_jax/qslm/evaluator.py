@@ -3,8 +3,19 @@
 One :class:`Evaluator` holds one compiled function per (batch shapes, chunk size): the K plans of a chunk become a
 stacked bits pytree (int32 level codes, :meth:`Hierarchy.stacked_bits`), the parameters are fake-quantized inside
 the traced function (``nnx.split`` -> :func:`quantize_params` -> ``nnx.merge``), the metric's additive statistics are
-computed for every batch with ``lax.scan`` and the candidates are ``vmap``-ped. Lists of plans are cut into chunks of
-a fixed size (the last one padded by repeating its last plan), so any number of plans reuses the same compilation.
+computed for every batch with ``lax.scan`` and the candidates are ``vmap``-ped.
+
+Chunk sizes: with ``chunk_size`` K the compiled sizes are K and the powers of two below it (times the device count
+D): K = 8 gives 8, 4, 2, 1. A list of n plans is cut into chunks of K, and the rest into the largest sizes that fit
+(n = 8a + 4b + 2c + d), so no slot is padding (with D > 1 a rest below D is padded by repeating the last plan). A
+search therefore costs at most ``len(chunk_sizes)`` compilations per batch shape (4 for K = 8), each compiled once
+ahead of time (:meth:`Evaluator.prepare`, timed in ``compile_seconds``) and reused for every later call. ``calls``
+and ``slots`` count the compiled calls and the candidate slots they computed (padding included). Why the extra
+compilations pay: a compilation is paid once per size, a padded slot costs a whole candidate evaluation every
+time it is computed (one chunk size of 8 left about 60% of the module-phase slots of case b1 as padding).
+Not done: sharing the forward pass of the layers that all candidates of a call quantize alike (the prefix
+before the first block they differ in); it would need the model split at a layer and the prefix activations of
+every batch kept, and with the scheduled search's small calls it would save little.
 
 With several devices the candidate axis is sharded over a 1-D mesh (``jit`` + ``NamedSharding``); parameters and
 batches are replicated. Statistics are summed over batches in float64 on the host, so e.g. perplexity over a split
@@ -13,6 +24,7 @@ is exactly ``exp(sum NLL / sum tokens)``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -49,10 +61,11 @@ def stack_batches(batches: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]
 class Evaluator:
     """Evaluates lists of :class:`QuantPlan` on fixed batches with one compiled, vmapped function.
 
-    ``chunk_size``: candidates per compiled call (rounded up to a multiple of the device count): pass it to
-    compile once for lists of any length. Without it, ``memory_budget_bytes`` (per device) caps the chunk at what
-    fits by XLA's memory analysis of a one-candidate compile; without either, a call evaluates all its plans at
-    once. In both cases lists of different lengths below the cap compile separately.
+    ``chunk_size``: the largest number of candidates per compiled call (rounded up to a multiple of the device
+    count); the smaller compiled sizes are the powers of two below it (module docstring). Without it,
+    ``memory_budget_bytes`` (per device) caps the chunk at what fits by XLA's memory analysis of a one-candidate
+    compile; without either, a call evaluates all its plans at once, so lists of different lengths compile
+    separately.
     """
 
     def __init__(self, model: nnx.Module, metric: Metric, *, hierarchy: Hierarchy | None = None,
@@ -75,6 +88,9 @@ class Evaluator:
         self._rest = jax.device_put(rest, self._replicated)
         self._fn = jax.jit(self._candidate_stats, out_shardings=self._sharded)
         self._chunk_by_shape: dict[Any, int] = {}
+        self._compiled: dict[tuple[Any, int], Any] = {}  # (batch shapes, chunk) -> ahead-of-time executable
+        self.calls = self.slots = 0  # compiled calls made and candidate slots they computed (padding included)
+        self.compile_seconds = 0.0
 
     def _candidate_stats(self, params: dict, clip: Any, rest: Any, bits: dict, batches: dict) -> dict:
         """Per-candidate, per-batch statistics ``(K, n_batches)`` of the plans whose stacked bits are ``bits``."""
@@ -93,10 +109,11 @@ class Evaluator:
     @property
     def compilations(self) -> int:
         """How many distinct compilations the candidate function holds (batch shapes x chunk sizes)."""
-        return self._fn._cache_size()
+        return len(self._compiled)
 
     def chunk_size(self, n_plans: int, batches: dict | None = None) -> int:
-        """Candidates per compiled call for a list of ``n_plans`` plans (a multiple of the device count)."""
+        """The largest number of candidates per compiled call for a list of ``n_plans`` plans (a multiple of
+        the device count)."""
         n_dev = len(self.devices)
         if self._chunk_size is not None:
             chunk = self._chunk_size
@@ -105,6 +122,45 @@ class Evaluator:
         else:
             chunk = n_plans
         return -(-chunk // n_dev) * n_dev
+
+    def chunk_sizes(self, n_plans: int, batches: dict | None = None) -> tuple[int, ...]:
+        """The compiled sizes a list of ``n_plans`` plans may use, largest first: :meth:`chunk_size` and the
+        powers of two below it, times the device count."""
+        n_dev = len(self.devices)
+        largest = self.chunk_size(n_plans, batches)
+        sizes, size = {largest}, 1
+        while size * n_dev < largest:
+            sizes.add(size * n_dev)
+            size *= 2
+        return tuple(sorted(sizes, reverse=True))
+
+    def split(self, n_plans: int, batches: dict | None = None) -> list[int]:
+        """The chunk sizes the ``n_plans`` plans of one call are evaluated in: full chunks of the largest
+        size, then the largest sizes that fit the rest; a rest below the smallest size is padded to it."""
+        sizes, chunks, rest = self.chunk_sizes(n_plans, batches), [], n_plans
+        for size in sizes:
+            while rest >= size:
+                chunks.append(size)
+                rest -= size
+        if rest:
+            chunks.append(sizes[-1])
+        return chunks
+
+    def prepare(self, n_plans: int, batches: Iterable[Mapping[str, Any]] | dict) -> None:
+        """Compile (ahead of time, timed into ``compile_seconds``) every chunk size a call with ``n_plans``
+        plans on ``batches`` needs, so that the call itself only computes."""
+        stacked = batches if isinstance(batches, dict) else jax.device_put(stack_batches(batches), self._replicated)
+        for chunk in set(self.split(n_plans, stacked)):
+            self._executable(chunk, stacked)
+
+    def _executable(self, chunk: int, stacked: dict) -> Any:
+        key = (tuple(sorted((k, v.shape) for k, v in stacked.items())), chunk)
+        if key not in self._compiled:
+            tic = time.perf_counter()
+            bits = jax.device_put(self.hierarchy.stacked_bits([QuantPlan()] * chunk), self._sharded)
+            self._compiled[key] = self._fn.lower(self._params, self._clip, self._rest, bits, stacked).compile()
+            self.compile_seconds += time.perf_counter() - tic
+        return self._compiled[key]
 
     def _budget_chunk(self, batches: dict) -> int:
         """Candidates per device that fit ``memory_budget_bytes`` (XLA memory analysis of one candidate)."""
@@ -134,14 +190,19 @@ class Evaluator:
         for plan in plans:
             self.hierarchy.validate(plan)
         stacked = jax.device_put(stack_batches(batches), self._replicated)
-        chunk = self.chunk_size(len(plans), stacked)
-        padded = list(plans) + [plans[-1]] * (-len(plans) % chunk)
+        chunks = self.split(len(plans), stacked)
+        padded = list(plans) + [plans[-1]] * (sum(chunks) - len(plans))
         totals: list[dict[str, float]] = []
-        for start in range(0, len(padded), chunk):
+        start = 0
+        for chunk in chunks:
             bits = jax.device_put(self.hierarchy.stacked_bits(padded[start:start + chunk]), self._sharded)
-            out = jax.device_get(self._fn(self._params, self._clip, self._rest, bits, stacked))
+            out = jax.device_get(self._executable(chunk, stacked)(self._params, self._clip, self._rest, bits,
+                                                                  stacked))
             sums = {k: np.asarray(v, np.float64).sum(axis=1) for k, v in out.items()}
             totals.extend({k: float(v[i]) for k, v in sums.items()} for i in range(chunk))
+            start += chunk
+            self.calls += 1
+            self.slots += chunk
         return totals[:len(plans)]
 
     def __call__(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]]) -> list[float]:

@@ -5,7 +5,9 @@
 1. the batched :class:`~qslm_jax.qslm.evaluator.Evaluator` (one compilation, vmapped candidates) behind a
    journal, with GPU power sampled around every batched call (NVML; "not measured" elsewhere);
 2. the sensitivity table (every block alone at every level, one batched call) and the block order it implies;
-3. :func:`~qslm_jax.qslm.search.tiered_search` under ``const_a`` / ``const_m``;
+3. the search under ``const_a`` / ``const_m``: :func:`~qslm_jax.qslm.search.tiered_search` (with the paper's
+   stop rule or ``--no-stop``) or :func:`~qslm_jax.qslm.knapsack.knapsack_search` (``settings.strategy``), in
+   calls of the evaluator's compiled sizes; ``report.json`` records their ``cost`` (:func:`cost_record`);
 4. the trade-off selection at ``alpha`` and the alpha ablation;
 5. the output directory: ``report.json``, ``candidates.csv``, ``sensitivity.csv``, ``pareto.png``,
    ``sensitivity.png``, ``summary.md`` and the selection exported as packed integer codes.
@@ -43,12 +45,14 @@ from tqdm.auto import tqdm
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT
 from qslm_jax.qslm.energy import LayerOps, estimate_energy, mean_tokens_per_sample
-from qslm_jax.qslm.evaluator import Evaluator
+from qslm_jax.qslm.evaluator import Evaluator, stack_batches
 from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
 from qslm_jax.qslm.journal import Journal, fingerprint
+from qslm_jax.qslm.knapsack import knapsack_search
 from qslm_jax.qslm.power import PowerMeter
 from qslm_jax.qslm.report import plot_pareto, plot_sensitivity, search_title, write_candidates_csv, write_json
 from qslm_jax.qslm.search import (
+    BATCH_SIZES,
     CachedEvaluator,
     SearchResult,
     sensitivity_order,
@@ -98,6 +102,8 @@ class QSLMSettings:
     case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
     selection_split: str = "held-out"  # "held-out": choose on the selection split, report on another; "same"
     scheme: QuantScheme = DEFAULT_SCHEME  # quantizer (--scheme, --group-size); in the journal fingerprint
+    strategy: str = "tiered"  # "tiered" (qslm.md section 3) or "knapsack" (qslm_jax.qslm.knapsack)
+    stop: bool = True  # tiered: the paper's stop at a unit's first failing level (False: --no-stop)
 
     def __post_init__(self):
         def finite(x) -> bool:
@@ -187,19 +193,40 @@ def _mean_spike_rates(model: SpikeGPT, batch: dict, classify: bool) -> np.ndarra
 
 
 class MeteredEvaluate:
-    """``evaluate(plans) -> metrics`` over fixed batches, with GPU power sampled around every batched call."""
+    """``evaluate(plans) -> metrics`` over fixed batches, with GPU power sampled around every batched call.
+
+    The chunk sizes a call needs are compiled before the metered window opens, so the energy is that of
+    computing only; each candidate gets the call's energy divided by the candidate slots the call computed
+    (padding included), and its mean power is the call's (``per_plan``: plan key -> that record).
+    """
 
     def __init__(self, evaluator: Evaluator, batches: Sequence[dict]):
         self.evaluator, self.batches = evaluator, list(batches)
         self.calls: list[dict[str, Any]] = []
+        self.per_plan: dict[str, dict[str, float]] = {}
 
     def __call__(self, plans: list[QuantPlan]) -> list[float]:
+        self.evaluator.prepare(len(plans), self.batches)
+        slots = self.evaluator.slots
         with PowerMeter() as meter:
             metrics = self.evaluator(plans, self.batches)
+        slots = self.evaluator.slots - slots
         reading = meter.reading.to_dict()
-        per = reading["energy_j"] / len(plans) if reading["measured"] else None
-        self.calls.append({"plans": len(plans), **reading, "energy_j_per_candidate": per})
+        per = reading["energy_j"] / slots if reading["measured"] else None
+        self.calls.append({"plans": len(plans), "slots": slots, **reading, "energy_j_per_candidate": per})
+        if reading["measured"]:
+            self.per_plan.update({p.key(): {"energy_j": per, "mean_w": reading["mean_w"]} for p in plans})
         return metrics
+
+    def saving(self, baseline: QuantPlan, selected: QuantPlan) -> dict[str, Any]:
+        """Energy and mean power per candidate of ``selected`` vs the fp32 ``baseline`` and the saving
+        ``100 (1 - selected / baseline)`` in percent (qslm.md section 4), or ``measured: False``."""
+        base, sel = self.per_plan.get(baseline.key()), self.per_plan.get(selected.key())
+        if base is None or sel is None:
+            return {"measured": False, "reason": "no NVML reading for the baseline or the selection in this run"}
+        return {"measured": True, "baseline": base, "selection": sel,
+                "energy_saving_percent": 100.0 * (1.0 - sel["energy_j"] / base["energy_j"]),
+                "power_saving_percent": 100.0 * (1.0 - sel["mean_w"] / base["mean_w"])}
 
 
 @dataclass
@@ -286,28 +313,29 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
     constraints (the report then lists the closest candidates).
     """
     out = Path(out)
+    check_strategy(settings)
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     ctx = prepare_evaluation(model, task, settings, out, model_description=model_description, data_dir=data_dir,
                              journal_path=journal_path)
     hierarchy, data, evaluator, evaluate, journal = ctx.hierarchy, ctx.data, ctx.evaluator, ctx.evaluate, ctx.journal
 
-    tic = time.perf_counter()
+    tic, journaled = time.perf_counter(), len(journal)
     _, table, order = run_sensitivity(ctx, settings.levels, settings.const_a)
     sensitivity_seconds = time.perf_counter() - tic
+    sensitivity_computed = len(journal) - journaled
 
-    bar = tqdm(desc="tiered search", unit="cand", disable=not progress)
+    bar = tqdm(desc=f"{settings.strategy} search", unit="cand", disable=not progress)
 
     def on_evaluated(made):
         bar.update(len(made))
         bar.set_postfix(phase=made[0].phase, unit=made[0].unit)
 
-    result = tiered_search(hierarchy, evaluate, levels=settings.levels, const_a=settings.const_a,
-                           const_m=settings.const_m_mb, higher_is_better=task.higher_is_better, order=order,
-                           journal=journal, on_evaluated=on_evaluated)
+    result = run_strategy(ctx, settings, table, order, on_evaluated)
     bar.close()
 
     report = _base_report(model, task, settings, model_description, data, hierarchy, result, evaluator,
                           evaluate, journal, table, order, sensitivity_seconds)
+    report["cost"] = cost_record(evaluator, sensitivity_computed, result, sensitivity_seconds)
     classify = bool(task.n_classes)
     rates = _mean_spike_rates(model, data.eval_batches[0], classify)
     tokens = mean_tokens_per_sample(data.eval_batches, "idx")
@@ -322,6 +350,7 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
                                                                  classify=classify, tokens_per_sample=tokens)
         ablation = alpha_ablation(result, settings.alphas)
         report["alpha_ablation"] = {str(a): s.to_dict() for a, s in ablation.items()}
+        report["power"]["saving"] = evaluate.saving(QuantPlan(), selection.candidate.plan)
         _export_selection(model, selection.candidate.plan, hierarchy, out, report)
         tic = time.perf_counter()
         report["report_split"] = score_on_report_split(
@@ -386,6 +415,48 @@ def _previous_invocations(out: Path) -> list[dict[str, Any]]:
         return []
 
 
+STRATEGIES = ("tiered", "knapsack")
+
+
+def check_strategy(settings: QSLMSettings) -> None:
+    """Refuse an unknown ``strategy`` and ``stop=False`` outside the tiered search (:class:`ConfigError`)."""
+    if settings.strategy not in STRATEGIES:
+        raise ConfigError(f"unknown search strategy {settings.strategy!r}: expected one of {list(STRATEGIES)}")
+    if not settings.stop and settings.strategy != "tiered":
+        raise ConfigError(f"--no-stop changes the tiered search's stop rule; the {settings.strategy} strategy "
+                          f"has none: drop --no-stop or use --strategy tiered")
+
+
+def run_strategy(ctx: EvaluationContext, settings: QSLMSettings, table: dict, order: tuple[str, ...],
+                 on_evaluated) -> SearchResult:
+    """The search ``settings.strategy`` names, in calls of the evaluator's compiled sizes: the tiered search
+    (qslm.md section 3; ``settings.stop`` its stop rule, speculating from the sensitivity ``table``) or the
+    knapsack strategy (:mod:`qslm_jax.qslm.knapsack`)."""
+    sizes = ctx.evaluator.chunk_sizes(settings.chunk_size or max(BATCH_SIZES), stack_batches(ctx.data.eval_batches))
+    common = dict(levels=settings.levels, const_a=settings.const_a, const_m=settings.const_m_mb,
+                  higher_is_better=ctx.task.higher_is_better, journal=ctx.journal, on_evaluated=on_evaluated)
+    if settings.strategy == "knapsack":
+        return knapsack_search(ctx.hierarchy, ctx.evaluate, batch_size=sizes[0], **common)
+    return tiered_search(ctx.hierarchy, ctx.evaluate, order=order, stop=settings.stop, sensitivity=table,
+                         batch_sizes=sizes, **common)
+
+
+def cost_record(evaluator: Evaluator, sensitivity_computed: int, result: SearchResult,
+                sensitivity_seconds: float) -> dict[str, Any]:
+    """``report["cost"]``: compiled ``calls``; ``slots`` they computed (padding and discarded speculation
+    included); ``evaluations``, the distinct candidates computed whose metric was used (the sensitivity
+    table's and those the search reached); their ``useful_fraction`` of the slots; ``discarded`` speculation
+    and ``padding`` slots; ``compilations`` and seconds per phase (compilation apart)."""
+    evaluations = sensitivity_computed + result.used
+    return {"calls": evaluator.calls, "slots": evaluator.slots, "evaluations": evaluations,
+            "useful_fraction": evaluations / evaluator.slots if evaluator.slots else None,
+            "discarded": result.evaluations - result.used,
+            "padding": evaluator.slots - sensitivity_computed - result.evaluations,
+            "compilations": evaluator.compilations, "strategy": result.strategy,
+            "seconds": {"compile": evaluator.compile_seconds, "sensitivity": sensitivity_seconds,
+                        **result.seconds}}
+
+
 def _base_report(model, task, settings, model_description, data, hierarchy, result: SearchResult, evaluator,
                  evaluate: MeteredEvaluate, journal, table, order, sensitivity_seconds) -> dict[str, Any]:
     baseline = result.baseline
@@ -409,8 +480,8 @@ def _base_report(model, task, settings, model_description, data, hierarchy, resu
         "timings": {"sensitivity_seconds": sensitivity_seconds, **{f"{k}_seconds": v
                                                                    for k, v in result.seconds.items()}},
         "power": {"measured": power_measured, "calls": evaluate.calls,
-                  "note": "NVML GPU power sampled around each batched evaluation call; energy per candidate = "
-                          "call energy / candidates in the call" if power_measured else
+                  "note": "NVML GPU power sampled around each batched evaluation call, compilation excluded; "
+                          "energy per candidate = call energy / candidate slots computed" if power_measured else
                           "not measured (no NVIDIA GPU / NVML here); see energy_estimate for the "
                           "operation-count model"},
     }
@@ -451,7 +522,10 @@ def summary_markdown(report: dict) -> str:
              f"levels {cfg['levels']}; alpha = {cfg['alpha']}",
              f"- fp32 baseline: {cfg['metric']} {base['metric']:.4f}, {base['memory_bytes'] / MB:.4f} MB",
              f"- evaluated {report['evaluations']} candidates ({report['journal_hits']} from the journal), "
-             f"{report['compilations']} compilation(s), {report['timings']['total_seconds']:.1f} s", ""]
+             f"{report['compilations']} compilation(s), {report['timings']['total_seconds']:.1f} s",
+             f"- cost ({report['cost']['strategy']}): {report['cost']['calls']} calls, {report['cost']['slots']} "
+             f"slots, {report['cost']['evaluations']} used ({100 * (report['cost']['useful_fraction'] or 0):.1f}%)",
+             ""]
     sel = report.get("selection")
     if sel:
         lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f} (search split)",

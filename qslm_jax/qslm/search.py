@@ -9,20 +9,35 @@ from ``hierarchy.memory_bytes(plan)``. ``ok(c)``: accuracy drop ``A_0 - A_c <= c
 Phases (levels Q descending, 32 = fp32 excluded after the baseline):
 
 1. baseline: the fp32 plan;
-2. global: every block at q for all q in Q in ONE batched call; ``q_g`` = the last level of the passing
-   prefix;
-3. block: from every block at ``q_g``, for each block in ``order``, all levels below its current one in one
-   call; the block keeps the lowest level of the passing prefix (it and every level above it passed ``ok``);
+2. global: every block at q for q in Q, descending; ``q_g`` = the last level of the passing prefix;
+3. block: from every block at ``q_g``, for each block in ``order``, the levels below its current one; the block
+   keeps the lowest level of the passing prefix (it and every level above it passed ``ok``);
 4. module: for each block with modules (in ``order``), for each module, the same below its block's level.
 
-Because each unit stops at its first failing level, evaluating all levels of a unit together and taking the
-passing prefix gives exactly the result of the sequential per-level loop, in one call per unit. The levels the
-sequential loop would not have reached (after a unit's first failure) are recorded too, marked ``after_stop``,
-and are not selectable, so the candidate pool is the sequential one as well.
+Stop rule. The paper's rule (``stop=True``) ends a unit at its first failing level, so a lower level that would
+pass again (metrics are not monotone in the bits) is never reached. ``stop=False`` (``--no-stop``) evaluates
+every level of each unit and keeps the lowest level that passed ``ok``, wherever it lies: more evaluations per
+unit, every one of them selectable, and a unit can end lower than under the paper's rule.
+
+Scheduling (every computed slot useful). The search is the sequential loop above (:func:`_walk`), replayed
+against the metrics known so far; the first plan it needs and does not know is certain to be used. Each batched
+call holds that plan plus the plans the loop would need next if predicted outcomes hold (speculation): the
+prediction is additive over the sensitivity table, ``d(child) = d(parent) + A(child) - A(parent)`` with
+``A(plan)`` the sum over blocks of each block's measured degradation at its level (a block's modules share it in
+proportion to their parameters, unless the table has rows for modules). A prediction is trusted only when it
+lies further from ``const_a`` than ``depth`` times the largest error such predictions have made so far in this
+phase, and only once the phase has :data:`MIN_OBSERVATIONS` measured errors (``depth``: predicted links to the
+last measured plan); speculation stops at the first untrusted
+outcome a later plan depends on, and the batch is cut to the largest allowed size (``batch_sizes``, the
+evaluator's compiled sizes) that fits. Speculated plans the loop then does not reach are recorded with
+``after_stop=True`` (not selectable), so the reached candidates, the plan and the selection are exactly the
+sequential loop's whatever the prediction does; the prediction only decides how many calls it takes. The
+schedule is a deterministic function of the metrics, so a rerun on the journal replays it with 0 evaluations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,7 +70,7 @@ class Candidate:
     memory_fraction: float  # M_q / M_0
     ok: bool
     feasible: bool
-    after_stop: bool = False  # evaluated only because the unit's levels were batched (see module docstring)
+    after_stop: bool = False  # evaluated speculatively, not reached by the sequential search
 
     @property
     def selectable(self) -> bool:
@@ -87,6 +102,8 @@ class SearchResult:
     calls: int  # calls of ``evaluate``
     journal_hits: int  # plans whose metric came from the journal
     seconds: Mapping[str, float] = field(default_factory=dict)  # wall time per phase
+    used: int = 0  # of ``evaluations``: plans the search reached (the rest is discarded speculation)
+    strategy: str = "tiered"
 
     @property
     def feasible(self) -> tuple[Candidate, ...]:
@@ -104,7 +121,8 @@ class SearchResult:
                 "plan": self.plan.to_dict(), "global_level": self.global_level, "levels": list(self.levels),
                 "order": list(self.order), "const_a": self.const_a, "const_m_mb": self.const_m,
                 "higher_is_better": self.higher_is_better, "evaluations": self.evaluations,
-                "calls": self.calls, "journal_hits": self.journal_hits, "seconds": dict(self.seconds)}
+                "calls": self.calls, "journal_hits": self.journal_hits, "seconds": dict(self.seconds),
+                "used": self.used, "strategy": self.strategy}
 
 
 def search_levels(levels: Sequence[Level]) -> tuple[Level, ...]:
@@ -131,6 +149,7 @@ class CachedEvaluator:
         self.evaluate, self.hierarchy, self.journal = evaluate, hierarchy, journal
         self.cache: dict[str, float] = {}
         self.calls = self.evaluations = self.journal_hits = 0
+        self.computed: set[str] = set()  # keys of the plans passed to ``evaluate``
 
     def __call__(self, plans: Sequence[QuantPlan]) -> list[float]:
         """The metric of every plan (from the cache, the journal, or one batched ``evaluate`` call)."""
@@ -153,11 +172,27 @@ class CachedEvaluator:
             if len(metrics) != len(batch):
                 raise ConfigError(f"evaluate returned {len(metrics)} metrics for {len(batch)} plans; it must "
                                   f"return one metric per plan, in order")
+            self.computed.update(todo)
             for key, plan, metric in zip(todo, batch, metrics, strict=True):
                 self.cache[key] = metric
                 if self.journal is not None:
                     self.journal.record(plan, metric, self.hierarchy.memory_bytes(plan))
         return [self.cache[plan.key()] for plan in plans]
+
+
+def check_constraints(const_a: float, const_m: float) -> None:
+    """Refuse ``const_a < 0`` or ``const_m <= 0`` (MB) with a :class:`ConfigError`."""
+    if const_a < 0 or const_m <= 0:
+        raise ConfigError(f"expected const_a >= 0 and const_m > 0 (MB), found const_a={const_a}, "
+                          f"const_m={const_m}")
+
+
+def check_baseline(metric: float) -> float:
+    """The fp32 baseline ``metric``, refused (:class:`ConfigError`) when it is not finite."""
+    if not math.isfinite(metric):
+        raise ConfigError(f"the fp32 baseline metric is {metric}: expected a finite number; check the "
+                          f"evaluator and the data before searching")
+    return metric
 
 
 def _check_order(hierarchy: Hierarchy, order: Sequence[str] | None) -> tuple[str, ...]:
@@ -172,6 +207,229 @@ def _check_order(hierarchy: Hierarchy, order: Sequence[str] | None) -> tuple[str
     return order
 
 
+BATCH_SIZES = (8, 4, 2, 1)  # default allowed batch sizes: the compiled sizes of an Evaluator with chunk_size 8
+MIN_OBSERVATIONS = 2  # measured prediction errors a phase needs before its predictions are trusted
+
+
+@dataclass(frozen=True)
+class Step:
+    """One evaluation the sequential search asks for: ``plan`` is ``parent`` with ``unit`` set to ``level``
+    (``parent`` is None for the baseline)."""
+
+    plan: QuantPlan
+    phase: str
+    unit: str
+    level: Level
+    parent: QuantPlan | None = None
+
+
+@dataclass(frozen=True)
+class Judge:
+    """``ok`` / ``feasible`` of qslm.md section 3 against a measured fp32 baseline; builds :class:`Candidate`."""
+
+    hierarchy: Hierarchy
+    baseline_metric: float
+    const_a: float
+    const_m: float  # MB
+    higher_is_better: bool
+
+    def degradation(self, metric: float) -> float:
+        """The accuracy drop / perplexity increase of ``metric`` vs the baseline."""
+        return degradation(metric, self.baseline_metric, self.higher_is_better)
+
+    def ok(self, metric: float) -> bool:
+        """The performance constraint."""
+        return self.degradation(metric) <= self.const_a
+
+    def candidate(self, plan: QuantPlan, phase: str, unit: str, level: Level, metric: float, *,
+                  after_stop: bool = False) -> Candidate:
+        """The evaluated ``plan`` with its memory, ``ok`` and feasibility."""
+        memory = self.hierarchy.memory_bytes(plan)
+        ok = self.ok(metric)
+        return Candidate(plan, phase, unit, level, metric, memory, memory / self.hierarchy.fp32_bytes, ok,
+                         ok and memory <= self.const_m * MB, after_stop)
+
+
+class _Halt(Exception):
+    """Ends a replay of :func:`_walk` (an unknown plan, an untrusted prediction or a full batch)."""
+
+
+def _walk(hierarchy: Hierarchy, q_levels: Sequence[Level], order: Sequence[str], stop: bool,
+          probe: Callable[[Step], bool]) -> tuple[list[Step], QuantPlan]:
+    """The sequential tiered search of the module docstring, one step at a time: every step it takes, in
+    order, and the plan it ends with. ``probe(step) -> ok`` supplies each outcome (it may raise :class:`_Halt`;
+    the step it was asked about is then the last of the path)."""
+    path: list[Step] = []
+
+    def descend(current: QuantPlan, phase: str, unit: str, start: Level,
+                set_level: Callable[[QuantPlan, Level], QuantPlan]) -> QuantPlan:
+        kept = current
+        for q in (q for q in q_levels if q < start):
+            step = Step(set_level(current, q), phase, unit, q, current)
+            path.append(step)
+            if probe(step):
+                kept = step.plan  # levels descend: the last passing one is the lowest
+            elif stop:
+                break
+        return kept
+
+    path.append(Step(QuantPlan(), "baseline", MODEL_UNIT, FP32))
+    probe(path[0])
+    plan = descend(QuantPlan(), "global", MODEL_UNIT, FP32, QuantPlan.with_default)
+    for block in order:
+        plan = descend(plan, "block", block, plan.block_bits(block), lambda p, q, b=block: p.with_block(b, q))
+    for block in order:
+        for module in hierarchy.modules_of(block):
+            plan = descend(plan, "module", module, plan.module_bits(module),
+                           lambda p, q, m=module: p.with_module(m, q))
+    return path, plan
+
+
+class AdditivePrediction:
+    """``A(plan)``: predicted degradation of a plan, the sum of the measured degradations of its units alone.
+
+    ``table``: ``{unit: {level: metric}}`` with a row per block (the sensitivity table) and optionally rows for
+    modules; a module without a row gets its block's degradation times its share of the block's module
+    parameters. ``None`` where a level or a row is missing.
+    """
+
+    def __init__(self, hierarchy: Hierarchy, table: Mapping[str, Mapping[Level, float]], baseline_metric: float,
+                 higher_is_better: bool):
+        self.hierarchy = hierarchy
+        self.rows = {unit: {q: degradation(m, baseline_metric, higher_is_better) for q, m in row.items()}
+                     | {FP32: 0.0} for unit, row in table.items()}
+
+    def unit(self, unit: str, level: Level) -> float | None:
+        """The measured degradation of ``unit`` (block or module) alone at ``level``, or None."""
+        row = self.rows.get(unit)
+        if row is not None:
+            return row.get(level)
+        if "/" not in unit:
+            return None
+        block = unit.partition("/")[0]
+        whole = self.rows.get(block, {}).get(level)
+        share = self.hierarchy.numel(module=unit) / sum(self.hierarchy.numel(module=m)
+                                                        for m in self.hierarchy.modules_of(block))
+        return None if whole is None else whole * share
+
+    def __call__(self, plan: QuantPlan) -> float | None:
+        """``A(plan)``, or None if the table lacks a unit's level."""
+        total = 0.0
+        for block in self.hierarchy.blocks:
+            modules = self.hierarchy.modules_of(block)
+            parts = [self.unit(m, plan.module_bits(m)) for m in modules] if modules else \
+                [self.unit(block, plan.block_bits(block))]
+            if any(p is None for p in parts):
+                return None
+            total += sum(parts)
+        return total
+
+
+class _Schedule:
+    """Drives :func:`_walk` with batched, speculative calls (module docstring, "Scheduling")."""
+
+    def __init__(self, walk: Callable[[Callable[[Step], bool]], tuple[list[Step], QuantPlan]],
+                 evaluator: CachedEvaluator, *, const_a: float, higher_is_better: bool, stop: bool,
+                 batch_sizes: Sequence[int], table: Mapping[str, Mapping[Level, float]] | None):
+        if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
+            raise ConfigError(f"batch_sizes must be positive integers, found {list(batch_sizes)}")
+        self.walk, self.evaluator, self.table = walk, evaluator, table
+        self.const_a, self.higher_is_better, self.stop = const_a, higher_is_better, stop
+        self.batch_sizes = sorted({int(b) for b in batch_sizes}, reverse=True)
+        self.metrics: dict[str, float] = {}  # measured in this run (journal hits included)
+        self.evaluated: list[Step] = []  # in evaluation order
+        self.errors: dict[str, list[float]] = {}  # |measured - predicted| increments, per phase
+        self.baseline_metric: float | None = None
+        self.predict: AdditivePrediction | None = None
+
+    def run(self, on_batch: Callable[[list[Step], list[float]], None]) -> tuple[list[Step], QuantPlan]:
+        """Evaluate batches until the walk completes on measured metrics; returns its path and plan."""
+        while True:
+            try:
+                return self.walk(self._measured)
+            except _Halt:
+                batch = self._speculate()
+            metrics = self.evaluator([step.plan for step in batch])
+            for step, metric in zip(batch, metrics, strict=True):
+                self.metrics[step.plan.key()] = metric
+                self.evaluated.append(step)
+                if step.phase == "baseline":
+                    self._set_baseline(metric)
+            self._observe(batch)
+            on_batch(batch, metrics)
+
+    def _set_baseline(self, metric: float) -> None:
+        self.baseline_metric = check_baseline(metric)
+        if self.table is not None:
+            self.predict = AdditivePrediction(self.evaluator.hierarchy, self.table, metric, self.higher_is_better)
+
+    def degradation(self, plan: QuantPlan) -> float | None:
+        """The measured degradation of ``plan``, or None if it is not measured yet."""
+        metric = self.metrics.get(plan.key())
+        if metric is None or self.baseline_metric is None:
+            return None
+        return degradation(metric, self.baseline_metric, self.higher_is_better)
+
+    def _measured(self, step: Step) -> bool:
+        measured = self.degradation(step.plan)
+        if measured is None:
+            raise _Halt
+        return measured <= self.const_a
+
+    def _increment(self, step: Step) -> float:
+        """``A(child) - A(parent)`` (nan without a prediction)."""
+        child = self.predict(step.plan) if self.predict is not None else None
+        parent = self.predict(step.parent) if self.predict is not None else None
+        return math.nan if child is None or parent is None else child - parent
+
+    def _error_scale(self, phase: str) -> float:
+        errors = self.errors.get(phase, [])
+        return max(errors) if len(errors) >= MIN_OBSERVATIONS else math.inf
+
+    def _speculate(self) -> list[Step]:
+        """The next batch: the first unmeasured step of the walk, then the steps it would take next while
+        the predicted outcomes they depend on are trusted, cut to an allowed batch size."""
+        batch: list[Step] = []
+        predicted: dict[str, tuple[float, int]] = {}  # key -> (predicted degradation, depth)
+        untrusted: list[tuple[str, str]] = []  # (phase, unit) of the first untrusted outcome
+
+        def probe(step: Step) -> bool:
+            key = step.plan.key()
+            if key in self.metrics:
+                return step.phase == "baseline" or self._measured(step)
+            if untrusted and (self.stop or untrusted[0] != (step.phase, step.unit)):
+                raise _Halt  # its being reached depends on an untrusted outcome
+            if len(batch) == self.batch_sizes[0]:
+                raise _Halt
+            if key not in predicted:
+                batch.append(step)
+            if step.phase == "baseline":
+                predicted[key] = (0.0, 0)
+                return True
+            parent = self.degradation(step.parent)
+            parent, depth = (parent, 0) if parent is not None else predicted[step.parent.key()]
+            guess, depth = parent + self._increment(step), depth + 1
+            predicted[key] = (guess, depth)
+            if not abs(guess - self.const_a) > depth * self._error_scale(step.phase):  # nan: untrusted
+                untrusted.append((step.phase, step.unit))
+            return guess <= self.const_a
+
+        with contextlib.suppress(_Halt):
+            self.walk(probe)
+        size = next((b for b in self.batch_sizes if b <= len(batch)), len(batch))
+        return batch[:size]
+
+    def _observe(self, batch: list[Step]) -> None:
+        for step in batch:
+            if step.parent is None:
+                continue
+            child, parent = self.degradation(step.plan), self.degradation(step.parent)
+            if child is not None and parent is not None:
+                error = abs(child - parent - self._increment(step))
+                if math.isfinite(error):
+                    self.errors.setdefault(step.phase, []).append(error)
+
+
 def tiered_search(
     hierarchy: Hierarchy,
     evaluate: Evaluate,
@@ -183,78 +441,49 @@ def tiered_search(
     order: Sequence[str] | None = None,
     journal: Journal | None = None,
     on_evaluated: Callable[[Sequence[Candidate]], None] | None = None,
+    stop: bool = True,
+    sensitivity: Mapping[str, Mapping[Level, float]] | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
 ) -> SearchResult:
     """Run the tiered search of qslm.md section 3 (see the module docstring); ``const_m`` in MB.
 
     ``order``: the block order of the block and module phases (least sensitive first: see
     :func:`sensitivity_order`); default: the hierarchy's order. ``journal``: resume from / record into it.
-    ``on_evaluated``: called with the candidates of each unit as they are evaluated (progress reporting).
+    ``on_evaluated``: called with the candidates of each batched call as they are evaluated (progress
+    reporting; whether each is reached is known at the end). ``stop``: the paper's stop rule (True) or
+    ``--no-stop``. ``sensitivity``: ``{block or module: {level: metric}}`` for the speculation's prediction
+    (without it every call holds one plan, or the baseline and the first global plan). ``batch_sizes``: the
+    numbers of plans a call may hold (the evaluator's compiled sizes, so that no slot is padding).
     """
-    if const_a < 0 or const_m <= 0:
-        raise ConfigError(f"expected const_a >= 0 and const_m > 0 (MB), found const_a={const_a}, "
-                          f"const_m={const_m}")
+    check_constraints(const_a, const_m)
     q_levels = search_levels(levels)
     order = _check_order(hierarchy, order)
     evaluator = CachedEvaluator(evaluate, hierarchy, journal)
-    candidates: list[Candidate] = []
-    seconds: dict[str, float] = {}
+    schedule = _Schedule(lambda probe: _walk(hierarchy, q_levels, order, stop, probe), evaluator,
+                         const_a=const_a, higher_is_better=higher_is_better, stop=stop, batch_sizes=batch_sizes,
+                         table=sensitivity)
+    seconds = dict.fromkeys(("baseline", "global", "block", "module"), 0.0)
+    tic = [time.perf_counter()]
 
-    tic = time.perf_counter()
-    baseline_metric = evaluator([QuantPlan()])[0]
-    if not math.isfinite(baseline_metric):
-        raise ConfigError(f"the fp32 baseline metric is {baseline_metric}: expected a finite number; check "
-                          f"the evaluator and the data before searching")
-
-    def record(plans: list[QuantPlan], phase: str, unit: str, unit_levels: Sequence[Level]
-               ) -> list[Candidate]:
-        made, stopped = [], False
-        for plan, q, metric in zip(plans, unit_levels, evaluator(plans), strict=True):
-            memory = hierarchy.memory_bytes(plan)
-            ok = degradation(metric, baseline_metric, higher_is_better) <= const_a
-            made.append(Candidate(plan, phase, unit, q, metric, memory, memory / hierarchy.fp32_bytes, ok,
-                                  ok and memory <= const_m * MB, stopped))
-            stopped = stopped or not ok
-        candidates.extend(made)
+    def on_batch(batch: list[Step], metrics: list[float]) -> None:
+        now = time.perf_counter()
+        seconds[batch[0].phase] += now - tic[0]  # a call is timed under the phase of its first (certain) plan
+        tic[0] = now
         if on_evaluated is not None:
-            on_evaluated(made)
-        return made
+            judge = Judge(hierarchy, schedule.baseline_metric, const_a, const_m, higher_is_better)
+            on_evaluated([judge.candidate(s.plan, s.phase, s.unit, s.level, m) for s, m in zip(batch, metrics,
+                                                                                                 strict=True)])
 
-    def descend(current: QuantPlan, phase: str, unit: str, start: Level,
-                set_level: Callable[[QuantPlan, Level], QuantPlan]) -> QuantPlan:
-        """Evaluate ``unit`` at every level below ``start`` in one call; keep the end of the passing
-        prefix."""
-        below = [q for q in q_levels if q < start]
-        if not below:
-            return current
-        for cand in record([set_level(current, q) for q in below], phase, unit, below):
-            if not cand.ok:
-                break
-            current = cand.plan
-        return current
-
-    baseline = record([QuantPlan()], "baseline", MODEL_UNIT, [FP32])[0]
-    seconds["baseline"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    plan = descend(QuantPlan(), "global", MODEL_UNIT, FP32, QuantPlan.with_default)
-    global_level = plan.default
-    seconds["global"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    for block in order:
-        plan = descend(plan, "block", block, plan.block_bits(block), lambda p, q, b=block: p.with_block(b, q))
-    seconds["block"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    for block in order:
-        for module in hierarchy.modules_of(block):
-            plan = descend(plan, "module", module, plan.module_bits(module),
-                           lambda p, q, m=module: p.with_module(m, q))
-    seconds["module"] = time.perf_counter() - tic
-
-    return SearchResult(baseline, tuple(candidates), plan, global_level, q_levels, order, const_a, const_m,
-                        higher_is_better, evaluator.evaluations, evaluator.calls, evaluator.journal_hits,
-                        seconds)
+    path, plan = schedule.run(on_batch)
+    judge = Judge(hierarchy, schedule.baseline_metric, const_a, const_m, higher_is_better)
+    reached = {step.plan.key() for step in path}
+    discarded = {step.plan.key(): step for step in schedule.evaluated if step.plan.key() not in reached}
+    candidates = [judge.candidate(s.plan, s.phase, s.unit, s.level, schedule.metrics[s.plan.key()]) for s in path]
+    candidates += [judge.candidate(s.plan, s.phase, s.unit, s.level, schedule.metrics[key], after_stop=True)
+                   for key, s in discarded.items()]
+    return SearchResult(candidates[0], tuple(candidates), plan, plan.default, q_levels, order, const_a, const_m,
+                        higher_is_better, evaluator.evaluations, evaluator.calls, evaluator.journal_hits, seconds,
+                        used=len(reached & evaluator.computed), strategy="tiered" if stop else "tiered-no-stop")
 
 
 def sensitivity_plans(hierarchy: Hierarchy, levels: Sequence[Level]) -> list[QuantPlan]:
