@@ -79,7 +79,7 @@ def test_a_file_that_is_not_an_export_is_refused(tmp_path, capsys):
     assert "cannot read a quantized export" in _error_of(capsys, junk, "--task", "sst2")
     plain = tmp_path / "plain.safetensors"
     save_file({"w": np.zeros(3, np.float32)}, str(plain))
-    assert "is not a qslm-jax-quantized/1 export" in _error_of(capsys, plain, "--task", "sst2")
+    assert "is not a qslm-jax-quantized/2 export" in _error_of(capsys, plain, "--task", "sst2")
 
 
 def test_unknown_task_and_missing_classifier_are_clear_errors(exported, tmp_path, capsys):
