@@ -319,10 +319,14 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
                              journal_path=journal_path)
     hierarchy, data, evaluator, evaluate, journal = ctx.hierarchy, ctx.data, ctx.evaluator, ctx.evaluate, ctx.journal
 
+    log.info("evaluating on %s; journal %s (%d entries)", data.protocol, journal.path, len(journal))
     tic, journaled = time.perf_counter(), len(journal)
-    _, table, order = run_sensitivity(ctx, settings.levels, settings.const_a)
+    baseline_metric, table, order = run_sensitivity(ctx, settings.levels, settings.const_a)
     sensitivity_seconds = time.perf_counter() - tic
     sensitivity_computed = len(journal) - journaled
+    log.info("sensitivity: fp32 %s %.4g; %d plans (%d new) in %.0f s; block order %s", task.metric_name,
+             baseline_metric, sum(len(row) for row in table.values()), sensitivity_computed, sensitivity_seconds,
+             ", ".join(order))
 
     bar = tqdm(desc=f"{settings.strategy} search", unit="cand", disable=not progress)
 
@@ -332,6 +336,9 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
 
     result = run_strategy(ctx, settings, table, order, on_evaluated)
     bar.close()
+    log.info("%s search: %d candidates (%d new, %d from the journal), %d feasible, in %.0f s", settings.strategy,
+             len(result.candidates), result.evaluations, result.journal_hits, len(result.feasible),
+             sum(result.seconds.values()))
 
     report = _base_report(model, task, settings, model_description, data, hierarchy, result, evaluator,
                           evaluate, journal, table, order, sensitivity_seconds)
@@ -358,6 +365,10 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
             plans={"baseline": QuantPlan(), "selection": selection.candidate.plan,
                    **{f"alpha={a}": s.candidate.plan for a, s in ablation.items()}})
         report["timings"]["report_split_seconds"] = time.perf_counter() - tic
+        held = report["report_split"]["metrics"]
+        log.info("selection: %s %.4g on the search split, %.4f MB (%.1f%% saved); on the report split %.4g "
+                 "(fp32 %.4g)", task.metric_name, selection.candidate.metric, selection.candidate.memory_bytes / MB,
+                 report["selection"]["memory_saving_percent"], held["selection"], held["baseline"])
     except NoFeasibleCandidate as err:
         exit_code = EXIT_NO_FEASIBLE
         report["selection"] = None
