@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.formatting import DefaultsFormatter
+
 SUBCOMMANDS = {
     "forward": "SpikeGPT forward throughput vs plain matmuls of the same shapes",
     "candidates": "batched (vmap) vs one-at-a-time evaluation of quantization candidates",
@@ -23,14 +25,14 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, run the chosen benchmark, print its results and return them as a dict."""
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     module = None
     for name, help_text in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(
-            name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            name, help=help_text, formatter_class=DefaultsFormatter
         )
         sub_parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
         if name == chosen:  # import only the chosen benchmark (each pulls in its own dependencies)

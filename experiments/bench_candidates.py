@@ -39,7 +39,7 @@ LEVELS = (16, 12, 8, 6, 4, 3, 2)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m experiments.bench candidates``."""
     parser.add_argument("--preset", default="spikegpt-small", choices=sorted(PRESETS),
-                        help="model shape (the embedded default)")
+                        help="model shape (that of the embedded model)")
     parser.add_argument("--n-layer", type=int, default=None, help="override the preset's")
     parser.add_argument("--n-embd", type=int, default=None, help="override the preset's")
     parser.add_argument("--vocab", type=int, default=None, help="override the preset's")
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=16, help="plans evaluated by every variant")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 16], help="K: candidates per call")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds (medians reported)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, tokens and plans")
 
 
 def candidate_plans(hierarchy, n: int, seed: int) -> list[QuantPlan]:

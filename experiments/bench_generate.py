@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lengths at which the re-run-the-forward baseline is timed too")
     parser.add_argument("--torch-lengths", type=int, nargs="*", default=[256],
                         help="lengths at which the PyTorch RNN stand-in is timed too (when torch is installed)")
-    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=16, help="tokens in the (random) prompt")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds (medians reported)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))

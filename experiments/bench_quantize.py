@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", default="minmax", choices=sorted(QuantScheme.PRESETS), help="quantizer")
     parser.add_argument("--group-size", type=int, default=None, help="inputs per scale group (group-wise)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (best is reported)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and plans")
 
 
 def _subset(preset: str, blocks: list[str], scheme: QuantScheme) -> tuple[Hierarchy, dict]:

@@ -126,7 +126,7 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=parse_levels, default=DEFAULT_LEVELS, help="precision levels Q, descending; "
                    "1.58 = ternary, 1 = binary")
     p.add_argument("--scheme", default="minmax", choices=("minmax", "symmetric", "per-channel", "mse"),
-                   help="uniform quantizer: asymmetric per-tensor min-max (the paper's default), symmetric "
+                   help="uniform quantizer: asymmetric per-tensor min-max (the paper's), symmetric "
                         "(max|W|), per-channel (a scale per output channel) or mse (min-max range clipped to "
                         "minimise each tensor's quantization error)")
     p.add_argument("--group-size", type=int, default=None, help="a scale and zero-point per G consecutive "
@@ -146,8 +146,8 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluation journal (default OUT/journal.jsonl); share one across runs of the same model "
                         "and task to reuse evaluations; rerun to resume")
     p.add_argument("--data-dir", default=None, help="local data directory (default $QSLM_DATA_DIR, else the hub)")
-    p.add_argument("--cache-dir", default=None, help="where the embedded default model is cached "
-                   "(default $QSLM_CACHE_DIR or ~/.cache/qslm_jax)")
+    p.add_argument("--cache-dir", default=None, help="where the embedded model is cached "
+                   "(else $QSLM_CACHE_DIR or ~/.cache/qslm_jax)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--init random) and new heads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

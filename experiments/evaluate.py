@@ -17,22 +17,15 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.formatting import DefaultsFormatter
+
 MB = 1e6
-
-
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default in ``--help`` unless it is unset (None) or a switch (False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (parsing imports nothing heavy, so ``--help`` answers at once)."""
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
-                                formatter_class=_DefaultsFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("export", type=Path, metavar="EXPORT",
                    help="quantized export, e.g. runs/tiered-spikegpt-small-a1/selection.safetensors")
     p.add_argument("--task", required=True,

@@ -41,6 +41,7 @@ from flax import nnx
 from converters.bert import load_bert, save_bert
 from converters.spikingbert import spikingbert_from_bert
 from experiments.common import exit_status
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.data import bert_tokenizer
 from qslm_jax.equilibrium.implicit import SolveLog, fixed_point
 from qslm_jax.equilibrium.kd import LayerMap
@@ -74,7 +75,7 @@ NOT_SETTINGS = ("resume", "stop_after", "no_progress", "out", "data_dir", "eval_
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (defaults sized for a CPU)."""
     p = argparse.ArgumentParser(prog="python -m experiments.extreme_kd", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--task", choices=("sst2", "mrpc", "qnli"), default="sst2", help="GLUE task")
     p.add_argument("--bits", type=float, choices=(32, 1.58, 1), default=1.58,
                    help="weight precision of the student's encoder Linear layers")

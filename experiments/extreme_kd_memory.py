@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from experiments.common import exit_status
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.equilibrium.memory import METHODS, format_memory_table, memory_vs_T
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERTConfig
@@ -30,7 +31,7 @@ from qslm_jax.qslm.report import write_json
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (defaults: the CPU-sized student of experiments.extreme_kd)."""
     p = argparse.ArgumentParser(prog="python -m experiments.extreme_kd_memory", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[8, 16, 32, 64], help="time steps to measure")
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["implicit", "bptt"],
                    help="gradient methods: implicit differentiation at equilibrium, BPTT through the simulation")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from experiments.common import finite_float, run_main
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
 from qslm_jax.qslm.models import resolve_model
@@ -24,7 +25,7 @@ from qslm_jax.qslm.tasks import TASKS, get_task
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.qslm.finetuning)."""
     p = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="spikegpt-small",
                    help="preset name, reference checkpoint (.pth/.safetensors/hf://) or saved model directory")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")

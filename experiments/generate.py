@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.data import gpt_neox_tokenizer
 from qslm_jax.errors import ConfigError
 from qslm_jax.generation import generate
@@ -29,17 +30,17 @@ from qslm_jax.quant.export import load_quantized
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--prompt", default="\nIn a shocking finding,", help="text to continue")
     p.add_argument("--model", default=EMBEDDED_PRESET, help=f"preset ({', '.join(sorted(PRESETS))}; the embedded "
-                   "default is trained on WikiText-2 once), reference checkpoint or saved model directory")
+                   "model is trained on WikiText-2 once), reference checkpoint or saved model directory")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
     p.add_argument("--quantized", type=Path, default=None, help="a quantized export (.safetensors) of this model")
     p.add_argument("--mode", choices=MODES, default=None, help="forward quirks (default: the model's own)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate after the prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.7, help="nucleus mass kept (1 = all tokens)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.add_argument("--data-dir", default=None, help="local data directory (default $QSLM_DATA_DIR, else the hub)")
     p.add_argument("--cache-dir", default=None, help="where the embedded default model is cached")
     p.add_argument("--json", type=Path, default=None, help="also write prompt, ids, text and speed here")

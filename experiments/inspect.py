@@ -15,6 +15,7 @@ from pathlib import Path
 from flax import nnx
 
 from experiments.common import exit_status
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SPIKINGBERT_PRESETS, SpikingBERT, SpikingBERTConfig
@@ -42,7 +43,7 @@ def abstract_model(name: str, n_classes: int = 0) -> nnx.Module:
 def main(argv: list[str] | None = None) -> dict:
     """Print the unit table of ``--model`` (and its memory under ``--plan``); return it as a dict."""
     parser = argparse.ArgumentParser(prog="python -m experiments.inspect", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsFormatter)
     parser.add_argument("--model", default="spikegpt216m", choices=MODELS, help="model preset")
     parser.add_argument("--n-classes", type=int, default=0, help="add a classifier with this many classes")
     parser.add_argument("--scheme", default="minmax", choices=sorted(QuantScheme.PRESETS),

@@ -20,6 +20,7 @@ from experiments.common import (
     run_main,
     scheme_of,
 )
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
 from qslm_jax.qslm.report import write_json
@@ -29,8 +30,8 @@ from qslm_jax.qslm.tasks import TASKS, get_task
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m experiments.sensitivity", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="sst2")
+                                formatter_class=DefaultsFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="sst2", help="the task whose metric is measured")
     p.add_argument("--const-a", type=finite_float, default=2.0,
                    help="the performance constraint used to order blocks (reach = lowest level passing alone)")
     add_model_and_evaluation_arguments(p)

@@ -103,7 +103,7 @@ EXTREME_KD_HEADER = ("| task | bits | internal-layer KD | student dev accuracy |
 def main(argv: list[str] | None = None) -> str:
     """Print (and return) the Markdown table of the given run directories."""
     p = argparse.ArgumentParser(prog="python -m experiments.tables", description=__doc__)
-    p.add_argument("kind", choices=("qslm", "extreme-kd"))
+    p.add_argument("kind", choices=("qslm", "extreme-kd"), help="which table: QSLM searches or extreme-KD students")
     p.add_argument("runs", nargs="+", type=Path, help="output directories of finished runs")
     args = p.parse_args(argv)
     if args.kind == "qslm":

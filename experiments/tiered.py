@@ -26,6 +26,7 @@ from experiments.common import (
     run_main,
     scheme_of,
 )
+from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.models import load_for_task
 from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, STRATEGIES, QSLMSettings, case_budget_mb, run_qslm
@@ -37,7 +38,7 @@ from qslm_jax.quant.hierarchy import hierarchy_of
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m experiments.tiered", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--task", choices=sorted(TASKS), default=None, help="default: the --case's task, else sst2")
     p.add_argument("--case", choices=sorted(CASES), default=None,
                    help="the paper's constraints (a1-a3: SST-2, b1-b3: WikiText-2); memory budgets scale with "
