@@ -36,6 +36,12 @@ def parse_levels(text: str) -> tuple[float, ...]:
             from err
 
 
+def as_list(values) -> str:
+    """``(32, 16, 1.58)`` -> ``"32,16,1.58"``: a tuple default as the flag takes it (argparse parses string
+    defaults with the flag's type, so ``--help`` shows what a user would type)."""
+    return ",".join(str(v) for v in values)
+
+
 def finite_float(text: str) -> float:
     """A float flag that must be finite (``nan``/``inf`` are usage errors)."""
     try:
@@ -123,8 +129,8 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=EMBEDDED_PRESET, help=f"preset ({', '.join(sorted(PRESETS))}), reference "
                    "checkpoint (.pth/.safetensors/hf://) or a directory saved by experiments.finetune")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
-    p.add_argument("--levels", type=parse_levels, default=DEFAULT_LEVELS, help="precision levels Q, descending; "
-                   "1.58 = ternary, 1 = binary")
+    p.add_argument("--levels", type=parse_levels, default=as_list(DEFAULT_LEVELS),
+                   help="precision levels Q, descending; 1.58 = ternary, 1 = binary")
     p.add_argument("--scheme", default="minmax", choices=("minmax", "symmetric", "per-channel", "mse"),
                    help="uniform quantizer: asymmetric per-tensor min-max (the paper's), symmetric "
                         "(max|W|), per-channel (a scale per output channel) or mse (min-max range clipped to "

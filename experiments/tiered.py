@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experiments.common import (
     add_model_and_evaluation_arguments,
+    as_list,
     check_search_arguments,
     eval_batch_size,
     finite_float,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--const-m-frac", type=finite_float, default=None,
                         help="memory budget as a fraction of fp32")
     p.add_argument("--alpha", type=finite_float, default=0.5, help="trade-off factor of the selection score")
-    p.add_argument("--alphas", type=parse_levels, default=ALPHAS, help="alphas of the ablation")
+    p.add_argument("--alphas", type=parse_levels, default=as_list(ALPHAS), help="alphas of the ablation")
     p.add_argument("--strategy", choices=STRATEGIES, default="tiered",
                    help="tiered: the paper's global -> block -> module search; knapsack: per-unit levels minimising "
                         "memory under the metric drop predicted from measured block/module sensitivities, "
