@@ -100,15 +100,56 @@ EXTREME_KD_HEADER = ("| task | bits | internal-layer KD | student dev accuracy |
                      "size (vs fp32) | student training |\n|---|---|---|---|---|---|---|---|")
 
 
+def strategy_row(report: Mapping[str, Any]) -> str:
+    """A Markdown row of the strategy comparison (head to head) for one ``report.json``: how the search was run
+    (strategy, stop rule, quantizer scheme), what it chose and what that cost (first invocation)."""
+    config, sel, cost = report["config"], report["selection"], report["cost"]
+    higher = config["higher_is_better"]
+    run = (report.get("invocations") or [report])[0]
+    how = config["strategy"] + ("" if config.get("stop", True) else ", no stop")
+    scheme = describe_scheme(config.get("scheme"))
+    if sel is None:
+        chosen, held_out, memory = "none feasible", "-", "-"
+    else:
+        chosen = _metric(sel["metric"], higher)
+        held = report.get("report_split") or {"metrics": {}}
+        held_out = _metric(held["metrics"]["selection"], higher) if "selection" in held["metrics"] else "-"
+        memory = f"{sel['memory_mb']:.2f} MB (-{sel['memory_saving_percent']:.1f}%)"
+    return (f"| {config.get('case') or '-'} | {how} | {scheme} | {chosen} | {held_out} | {memory} | "
+            f"{cost['evaluations']} | {cost['slots']} ({100 * (cost['useful_fraction'] or 0):.0f}% used) | "
+            f"{run['timings']['total_seconds']:.0f} s |")
+
+
+def describe_scheme(scheme: Any) -> str:
+    """The quantizer scheme of a report's config in a few words (``minmax`` when absent: older reports)."""
+    if not isinstance(scheme, Mapping):
+        return str(scheme or "minmax")
+    parts = ["symmetric" if scheme.get("symmetric") else "asymmetric",
+             "per-channel" if scheme.get("per_channel") else "per-tensor"]
+    if scheme.get("group_size"):
+        parts.append(f"groups of {scheme['group_size']}")
+    if scheme.get("clipping", "minmax") != "minmax":
+        parts.append(f"{scheme['clipping']} clipping")
+    return " ".join(parts)
+
+
+STRATEGY_HEADER = ("| case | strategy | quantizer | selection (selection split) | selection (report split) | "
+                   "memory (saving) | evaluations | slots computed | wall time |\n"
+                   "|---|---|---|---|---|---|---|---|---|")
+
+
 def main(argv: list[str] | None = None) -> str:
     """Print (and return) the Markdown table of the given run directories."""
     p = argparse.ArgumentParser(prog="python -m experiments.tables", description=__doc__)
-    p.add_argument("kind", choices=("qslm", "extreme-kd"), help="which table: QSLM searches or extreme-KD students")
+    p.add_argument("kind", choices=("qslm", "strategies", "extreme-kd"),
+                   help="which table: QSLM searches, search strategies head to head, or extreme-KD students")
     p.add_argument("runs", nargs="+", type=Path, help="output directories of finished runs")
     args = p.parse_args(argv)
     if args.kind == "qslm":
         rows = [qslm_row(_read(d, "report.json")) for d in args.runs]
         table = "\n".join([QSLM_HEADER, *rows])
+    elif args.kind == "strategies":
+        table = "\n".join([STRATEGY_HEADER, *(strategy_row(_read(d, "report.json")) for d in args.runs)])
     else:
         rows = [extreme_kd_row(_read(d, "results.json")) for d in args.runs]
         table = "\n".join([EXTREME_KD_HEADER, *rows])

@@ -57,6 +57,9 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
     assert len(table) == 3 and table[2].count("|") == table[0].count("|")
     assert f"{sel['memory_bytes'] / 1e6:.2f} MB" in table[2] and "(first 48 examples)" in table[2]
     assert f"+ {report['evaluations']} new (" in table[2]
+    strategies = tables.main(["strategies", str(tmp_path)]).splitlines()
+    assert len(strategies) == 3 and "| tiered | asymmetric per-tensor |" in strategies[2]
+    assert f"| {report['cost']['evaluations']} | {report['cost']['slots']} (" in strategies[2]
 
 
 def test_rerun_resumes_from_the_journal_and_keeps_each_invocations_cost(tmp_path, data_dir):
