@@ -119,7 +119,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     (["--eval-batch-size", "0"], "eval_batch_size=0"),
     (["--chunk-size", "0"], "chunk_size=0"),
     (["--devices", "64"], "only 1 local device"),
-    (["--levels", "32,7"], "precision level must be one of"),
+    (["--levels", "32,33"], "precision level must be one of"),
 ])
 def test_bad_flags_are_refused_up_front(tmp_path, capsys, flags, message):
     """Checked before any model is loaded or evaluated (the embedded default is not even trained)."""
