@@ -83,7 +83,7 @@ def test_power_per_candidate_uses_slots_and_excludes_compilation(tmp_path, data_
 
     monkeypatch.setattr(pipeline, "PowerMeter", Injected)
     monkeypatch.setattr(pipeline, "prepare_evaluation", keep)
-    code, report = _run(tmp_path, "--const-a", "50", "--const-m-frac", "0.5")
+    code, report = _run(tmp_path, "--const-a", "50", "--const-m-frac", "0.5", "--selection-split", "same")
     assert code == 0 and report["power"]["measured"]
     assert windows[0::2] == windows[1::2]  # no compilation inside a metered window
     for call in report["power"]["calls"]:
