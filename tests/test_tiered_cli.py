@@ -145,8 +145,9 @@ def test_sensitivity_cli_table_and_heatmap(tmp_path, data_dir):
     from experiments import sensitivity
 
     code = sensitivity.main(["--model", "spikegpt-micro", "--init", "random", "--levels", "32,4,2", "--task",
-                             "sst2", "--eval-limit", "32", "--no-progress", "--out", str(tmp_path)])
-    assert code == 0
+                             "sst2", "--eval-limit", "32", "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 0  # its journal: tmp_path/journals, not shared with the other tests' searches
+    tmp_path = tmp_path / "out"
     report = json.loads((tmp_path / "sensitivity.json").read_text())
     assert list(report["table"]) == ["input", "attention_0", "attention_1", "output"]
     assert all(set(row) == {"4", "2"} for row in report["table"].values())
