@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments import names
 from experiments.common import (
     add_model_and_evaluation_arguments,
     check_search_arguments,
@@ -21,17 +22,13 @@ from experiments.common import (
     scheme_of,
 )
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.qslm.models import load_for_task
-from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
-from qslm_jax.qslm.report import write_json
-from qslm_jax.qslm.tasks import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m experiments.sensitivity", description=__doc__,
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="sst2", help="the task whose metric is measured")
+    p.add_argument("--task", choices=sorted(names.TASKS), default="sst2", help="the task whose metric is measured")
     p.add_argument("--const-a", type=finite_float, default=2.0,
                    help="the performance constraint used to order blocks (reach = lowest level passing alone)")
     add_model_and_evaluation_arguments(p)
@@ -45,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from qslm_jax.qslm.models import load_for_task
+    from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
+    from qslm_jax.qslm.report import write_json
+    from qslm_jax.qslm.tasks import get_task
+
     check_search_arguments(args, const_a=args.const_a)
     task = get_task(args.task)
     model, description = load_for_task(args.model, task, checkpoint=args.checkpoint, init=args.init,
