@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the analysis described by ``argv``; returns the exit status (0, 1 bad input, 2 usage, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume from the journal.")
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume (training from its last "
+                                                    "checkpoint, evaluations from the journal).")
 
 
 def _run(args) -> int:
@@ -59,7 +60,7 @@ def _run(args) -> int:
     out = args.out or Path("runs") / f"sensitivity-{Path(args.model).name}-{task.name}"
     ctx = prepare_evaluation(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                              journal_path=args.journal)
-    baseline, table, order = run_sensitivity(ctx, args.levels, args.const_a)
+    baseline, table, order = run_sensitivity(ctx, args.levels, args.const_a, progress=not args.no_progress)
     write_sensitivity(out, table, baseline, task)
     write_json(out / "sensitivity.json", {
         "task": task.name, "metric": task.metric_name, "baseline": baseline, "protocol": ctx.data.protocol,

@@ -77,8 +77,8 @@ def _task_and_case(args) -> tuple[str, str | None]:
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline described by ``argv``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume: evaluations so far are "
-                                                    "in the journal.")
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume (training from its last "
+                                                    "checkpoint, evaluations from the journal).")
 
 
 def _run(args) -> int:
