@@ -59,19 +59,27 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
-        tqdm.write(self.format(record), file=sys.stderr)
+        tqdm.write(self.format(record).rstrip("\n"), file=sys.stderr)
+
+
+def _above_the_bars(name: str, level: int) -> None:
+    """Logger ``name`` writes its records from ``level`` on through :class:`_TqdmHandler` only."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def configure_logging() -> None:
-    """The library's INFO messages (phases, resuming, cache hits) on stderr, above any progress bar; third-party
-    loggers (orbax/absl) only from WARNING, and kept out of the bar's line."""
-    library = logging.getLogger("qslm_jax")
-    if not any(isinstance(h, _TqdmHandler) for h in library.handlers):
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        library.addHandler(handler)
-        library.setLevel(logging.INFO)
-        library.propagate = False
+    """The library's INFO messages (phases, resuming, cache hits) on stderr, above any progress bar; Python
+    warnings (all third-party: the library raises or logs instead) above the bar too, never through it;
+    orbax/absl only from ERROR (their routine WARNINGs, e.g. "waiting for previous save", are not shown)."""
+    _above_the_bars("qslm_jax", logging.INFO)
+    logging.captureWarnings(True)
+    _above_the_bars("py.warnings", logging.WARNING)
     for name in ("absl", "orbax"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
