@@ -53,7 +53,7 @@ def test_pipeline_writes_results_curves_and_teacher(smoke):
 def test_rerun_resumes_the_run_in_out_and_other_settings_are_refused(smoke, data_dir, capsys):
     out, results = smoke
     base = [*TINY, "--data-dir", str(data_dir), "--train-teacher", "--teacher-steps", "4", "--out", str(out)]
-    with pytest.raises(ConfigError, match="other settings.*another --out"):
+    with pytest.raises(ConfigError, match=r"other settings.*another --out"):
         run([*base, "--bits", "1.58"])
     capsys.readouterr()
     again = run([*base, "--bits", "1"])  # the same command: every stage resumes at its last step
