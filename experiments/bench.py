@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.common import exit_status
 from experiments.formatting import DefaultsFormatter
 
 SUBCOMMANDS = {
@@ -47,4 +48,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

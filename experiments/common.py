@@ -16,11 +16,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from experiments import names
 from qslm_jax.errors import ConfigError, QSLMError
-from qslm_jax.models.spikegpt import PRESETS
-from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
-from qslm_jax.qslm.pipeline import DEFAULT_LEVELS, SELECTION_SPLITS, QSLMSettings
-from qslm_jax.quant.quantizers import QuantScheme, check_level
+
+# This module is imported while a parser is built: the library (and JAX) only inside the functions that run
+# after parsing, so that ``--help`` answers at once.
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
@@ -59,19 +59,27 @@ class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm.auto import tqdm
 
-        tqdm.write(self.format(record), file=sys.stderr)
+        tqdm.write(self.format(record).rstrip("\n"), file=sys.stderr)
+
+
+def _above_the_bars(name: str, level: int) -> None:
+    """Logger ``name`` writes its records from ``level`` on through :class:`_TqdmHandler` only."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def configure_logging() -> None:
-    """The library's INFO messages (phases, resuming, cache hits) on stderr, above any progress bar; third-party
-    loggers (orbax/absl) only from WARNING, and kept out of the bar's line."""
-    library = logging.getLogger("qslm_jax")
-    if not any(isinstance(h, _TqdmHandler) for h in library.handlers):
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        library.addHandler(handler)
-        library.setLevel(logging.INFO)
-        library.propagate = False
+    """The library's INFO messages (phases, resuming, cache hits) on stderr, above any progress bar; Python
+    warnings (all third-party: the library raises or logs instead) above the bar too, never through it;
+    orbax/absl only from ERROR (their routine WARNINGs, e.g. "waiting for previous save", are not shown)."""
+    _above_the_bars("qslm_jax", logging.INFO)
+    logging.captureWarnings(True)
+    _above_the_bars("py.warnings", logging.WARNING)
     for name in ("absl", "orbax"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -90,19 +98,38 @@ def run_main(body: Callable[[], int], *, resume_hint: str | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def exit_status(main: Callable[[], object]) -> int:
+def exit_status(main: Callable[[], object], *, resume_hint: str | None = None) -> int:
     """The exit status of an entry point whose ``main()`` returns results rather than a status: 0, or
-    :func:`run_main`'s status for an error or an interruption."""
+    :func:`run_main`'s status for an error or an interruption (``resume_hint``: as there)."""
     def body() -> int:
         main()
         return 0
 
-    return run_main(body)
+    return run_main(body, resume_hint=resume_hint)
+
+
+AT_LEAST_ONE = (lambda v: v >= 1, "an integer >= 1")
+
+
+def check_flags(args: argparse.Namespace, checks) -> None:
+    """Refuse impossible flag values before any data is loaded or model built: ``checks`` holds ``(flags, test,
+    what is expected)`` rows; a flag left at its default None is not checked, a list flag (``nargs``) is checked
+    element by element. :class:`ConfigError` naming the flag."""
+    for flags, ok, expected in checks:
+        for flag in flags:
+            value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and not ok(item):
+                    raise ConfigError(f"expected {flag} to be {expected}, found {item!r}: give a valid value "
+                                      "(see --help for the defaults)")
 
 
 def check_search_arguments(args, *, const_a: float | None = None) -> None:
     """Every search flag checked before any model is loaded or evaluated (:class:`ConfigError` listing the
     problems): the same rules as :class:`QSLMSettings`, plus levels, the budget flags and the device count."""
+    from qslm_jax.qslm.pipeline import QSLMSettings
+    from qslm_jax.quant.quantizers import check_level
+
     for q in args.levels:
         check_level(q)
     scheme_of(args)
@@ -126,10 +153,11 @@ def check_search_arguments(args, *, const_a: float | None = None) -> None:
 
 def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     """Which model, which levels, how to evaluate, where to write."""
-    p.add_argument("--model", default=EMBEDDED_PRESET, help=f"preset ({', '.join(sorted(PRESETS))}), reference "
+    p.add_argument("--model", default=names.EMBEDDED_PRESET,
+                   help=f"preset ({', '.join(sorted(names.SPIKEGPT_PRESETS))}), reference "
                    "checkpoint (.pth/.safetensors/hf://) or a directory saved by experiments.finetune")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
-    p.add_argument("--levels", type=parse_levels, default=as_list(DEFAULT_LEVELS),
+    p.add_argument("--levels", type=parse_levels, default=as_list(names.DEFAULT_LEVELS),
                    help="precision levels Q, descending; 1.58 = ternary, 1 = binary")
     p.add_argument("--scheme", default="minmax", choices=("minmax", "symmetric", "per-channel", "mse"),
                    help="uniform quantizer: asymmetric per-tensor min-max (the paper's), symmetric "
@@ -140,7 +168,7 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", choices=("trained", "random"), default="trained",
                    help="random: random weights, no training (pipeline checks)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N examples / tokens")
-    p.add_argument("--selection-split", choices=SELECTION_SPLITS, default="held-out",
+    p.add_argument("--selection-split", choices=names.SELECTION_SPLITS, default="held-out",
                    help="held-out: choose on a selection split and report the choice on data the search never saw "
                         "(SST-2: 1000 train rows held out of training / GLUE validation; WikiText-2: first / "
                         "second half of the test tokens used); same: the paper's protocol, one set for both")
@@ -158,8 +186,10 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def scheme_of(args) -> QuantScheme:
-    """The :class:`QuantScheme` of ``--scheme`` and ``--group-size``."""
+def scheme_of(args):
+    """The :class:`~qslm_jax.quant.quantizers.QuantScheme` of ``--scheme`` and ``--group-size``."""
+    from qslm_jax.quant.quantizers import QuantScheme
+
     return QuantScheme.preset(args.scheme, group_size=args.group_size)
 
 

@@ -7,7 +7,7 @@ search's own code path (same data, batches, metric and compiled evaluator), so w
 and ``--eval-batch-size`` (``report.json``: ``config.eval_limit``, ``config.eval_batch_size``) it prints exactly
 the report's metric of the selection: ``--split report`` (default) its score on the report split
 (``report_split.metrics.selection``), ``--split selection`` the search's own (``selection.metric``).
-Exit status: 0, or 1 on bad input (missing file, not an export, a task the model cannot do).
+Exit status: 0, 1 on bad input (missing file, not an export, a task the model cannot do), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from experiments.common import run_main
 from experiments.formatting import DefaultsFormatter
 
 MB = 1e6
@@ -85,16 +86,15 @@ def evaluate_export(path: str | Path, task_name: str, *, eval_limit: int | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Score the export named by ``argv`` and print the result; returns the exit status (0 or 1)."""
+    """Score the export named by ``argv`` and print the result; returns the exit status (0, 1 on bad input,
+    130 interrupted)."""
     args = build_parser().parse_args(argv)
-    from qslm_jax.errors import QSLMError
+    return run_main(lambda: _score(args))
 
-    try:
-        result = evaluate_export(args.export, args.task, eval_limit=args.eval_limit,
-                                 eval_batch_size=args.eval_batch_size, data_dir=args.data_dir, split=args.split)
-    except QSLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def _score(args) -> int:
+    result = evaluate_export(args.export, args.task, eval_limit=args.eval_limit,
+                             eval_batch_size=args.eval_batch_size, data_dir=args.data_dir, split=args.split)
     if args.json:
         print(json.dumps({"export": str(args.export), **result}))
     else:

@@ -14,18 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from experiments.common import exit_status
+from experiments import names
+from experiments.common import AT_LEAST_ONE, check_flags, exit_status
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.equilibrium.memory import METHODS, format_memory_table, memory_vs_T
-from qslm_jax.errors import ConfigError
-from qslm_jax.models.spikingbert import SpikingBERTConfig
-from qslm_jax.qslm.report import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.extreme_kd_memory", description=__doc__,
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[8, 16, 32, 64], help="time steps to measure")
-    p.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["implicit", "bptt"],
+    p.add_argument("--methods", nargs="+", choices=sorted(names.MEMORY_METHODS), default=["implicit", "bptt"],
                    help="gradient methods: implicit differentiation at equilibrium, BPTT through the simulation")
     p.add_argument("--hidden", type=int, default=128, help="student hidden size")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
@@ -50,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plot_memory(rows: list[dict], path: Path) -> None:
     """Peak step memory (MiB) against T, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
@@ -64,21 +60,19 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse impossible sizes before anything is compiled (ConfigError naming the flag)."""
-    sizes = {"--T": min(args.T), "--hidden": args.hidden, "--heads": args.heads, "--blocks": args.blocks,
-             "--vocab": args.vocab, "--batch-size": args.batch_size, "--max-length": args.max_length,
-             "--intermediate": args.intermediate}
-    for flag, value in sizes.items():
-        if value is not None and value < 1:
-            raise ConfigError(f"expected {flag} to be an integer >= 1, found {value}: give a valid value "
-                              "(see --help for the defaults)")
+SIZES = ("--T", "--hidden", "--heads", "--blocks", "--vocab", "--batch-size", "--max-length", "--intermediate")
 
 
 def run(argv: list[str] | None = None) -> dict:
     """Measure, print the table and return ``{"device", "settings", "rows"}`` (raises the library's errors)."""
     args = build_parser().parse_args(argv)
-    check_args(args)
+    check_flags(args, [(SIZES, *AT_LEAST_ONE)])  # before anything is compiled
+    import jax
+
+    from qslm_jax.equilibrium.memory import format_memory_table, memory_vs_T
+    from qslm_jax.models.spikingbert import SpikingBERTConfig
+    from qslm_jax.qslm.report import write_json
+
     config = SpikingBERTConfig(hidden=args.hidden, heads=args.heads,
                                intermediate=args.intermediate or 4 * args.hidden, vocab=args.vocab,
                                max_positions=args.max_length, num_blocks=args.blocks)

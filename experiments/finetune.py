@@ -14,12 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.common import finite_float, run_main
+from experiments import names
+from experiments.common import AT_LEAST_ONE, check_flags, finite_float, run_main
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.errors import ConfigError
-from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
-from qslm_jax.qslm.models import resolve_model
-from qslm_jax.qslm.tasks import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="spikegpt-small",
                    help="preset name, reference checkpoint (.pth/.safetensors/hf://) or saved model directory")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
-    p.add_argument("--task", choices=sorted(TASKS), default="sst2", help="the task to fine-tune on")
+    p.add_argument("--task", choices=sorted(names.TASKS), default="sst2", help="the task to fine-tune on")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/finetune-MODEL-TASK)")
     p.add_argument("--data-dir", default=None, help="local data directory (layout of shared/data); "
                    "default $QSLM_DATA_DIR, else the HF hub")
@@ -49,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recipe_from(args, task_name: str) -> Recipe:
+def _recipe_from(args, task_name: str):
+    from qslm_jax.qslm.finetuning import RECIPES, Recipe
+
     base = RECIPES[task_name]
     overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
                                                  ("warmup_steps", args.warmup),
@@ -67,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from qslm_jax.qslm.finetuning import finetune
+    from qslm_jax.qslm.models import resolve_model
+    from qslm_jax.qslm.tasks import get_task
+
+    check_flags(args, [(("--batch-size", "--eval-limit"), *AT_LEAST_ONE)])
     task = get_task(args.task)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        raise ConfigError(f"--eval-limit must be >= 1, found {args.eval_limit}")
     recipe = _recipe_from(args, task.name)  # checks the training settings before the model is loaded
     model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed, new_head=args.new_head)
     out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"

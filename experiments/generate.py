@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
+from experiments import names
+from experiments.common import exit_status
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.data import gpt_neox_tokenizer
 from qslm_jax.errors import ConfigError
-from qslm_jax.generation import generate
-from qslm_jax.models.spikegpt import MODES, PRESETS
-from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
-from qslm_jax.qslm.models import load_for_task
-from qslm_jax.qslm.tasks import get_task
-from qslm_jax.quant.export import load_quantized
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.generate", description=__doc__,
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--prompt", default="\nIn a shocking finding,", help="text to continue")
-    p.add_argument("--model", default=EMBEDDED_PRESET, help=f"preset ({', '.join(sorted(PRESETS))}; the embedded "
+    p.add_argument("--model", default=names.EMBEDDED_PRESET,
+                   help=f"preset ({', '.join(sorted(names.SPIKEGPT_PRESETS))}; the embedded "
                    "model is trained on WikiText-2 once), reference checkpoint or saved model directory")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
     p.add_argument("--quantized", type=Path, default=None, help="a quantized export (.safetensors) of this model")
-    p.add_argument("--mode", choices=MODES, default=None, help="forward quirks (default: the model's own)")
+    p.add_argument("--mode", choices=names.MODES, default=None, help="forward quirks (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate after the prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.7, help="nucleus mass kept (1 = all tokens)")
@@ -50,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """Continue ``--prompt``; prints the prompt and its continuation and returns them with the token ids."""
     args = build_parser().parse_args(argv)
+    from qslm_jax.data import gpt_neox_tokenizer
+    from qslm_jax.generation import generate
+    from qslm_jax.qslm.models import load_for_task
+    from qslm_jax.qslm.tasks import get_task
+    from qslm_jax.quant.export import load_quantized
+
     model, description = load_for_task(args.model, get_task("wikitext2"), checkpoint=args.checkpoint,
                                        cache_dir=args.cache_dir, data_dir=args.data_dir)
     if args.quantized is not None:
@@ -78,4 +81,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main))

@@ -12,24 +12,22 @@ import json
 import sys
 from pathlib import Path
 
-from flax import nnx
-
+from experiments import names
 from experiments.common import exit_status
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
-from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
-from qslm_jax.models.spikingbert import SPIKINGBERT_PRESETS, SpikingBERT, SpikingBERTConfig
-from qslm_jax.quant.hierarchy import hierarchy_of
-from qslm_jax.quant.memory import format_table, memory_report
-from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.quant.quantizers import QuantScheme
 
 BERT_PREFIX = "spikingbert-"
-MODELS = (*PRESETS, *(BERT_PREFIX + name for name in SPIKINGBERT_PRESETS))
+MODELS = (*names.SPIKEGPT_PRESETS, *(BERT_PREFIX + name for name in names.SPIKINGBERT_PRESETS))
 
 
-def abstract_model(name: str, n_classes: int = 0) -> nnx.Module:
+def abstract_model(name: str, n_classes: int = 0):
     """The named preset as an abstract model (``nnx.eval_shape``: shapes, no weights)."""
+    from flax import nnx
+
+    from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
+    from qslm_jax.models.spikingbert import SPIKINGBERT_PRESETS, SpikingBERT, SpikingBERTConfig
+
     if name in PRESETS:
         config = SpikeGPTConfig.preset(name, n_classes=n_classes)
         return nnx.eval_shape(lambda: SpikeGPT(config, rngs=nnx.Rngs(0)))
@@ -46,11 +44,15 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=DefaultsFormatter)
     parser.add_argument("--model", default="spikegpt216m", choices=MODELS, help="model preset")
     parser.add_argument("--n-classes", type=int, default=0, help="add a classifier with this many classes")
-    parser.add_argument("--scheme", default="minmax", choices=sorted(QuantScheme.PRESETS),
+    parser.add_argument("--scheme", default="minmax", choices=sorted(names.SCHEMES),
                         help="quantization scheme (scale storage, whether vectors are quantized)")
     parser.add_argument("--plan", type=Path, default=None, help="QuantPlan JSON to account for")
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
+    from qslm_jax.quant.hierarchy import hierarchy_of
+    from qslm_jax.quant.memory import format_table, memory_report
+    from qslm_jax.quant.plan import QuantPlan
+    from qslm_jax.quant.quantizers import QuantScheme
 
     hierarchy = hierarchy_of(abstract_model(args.model, args.n_classes), scheme=QuantScheme.preset(args.scheme))
     plan = QuantPlan.load(args.plan) if args.plan else None

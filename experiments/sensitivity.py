@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments import names
 from experiments.common import (
     add_model_and_evaluation_arguments,
     check_search_arguments,
@@ -21,17 +22,13 @@ from experiments.common import (
     scheme_of,
 )
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.qslm.models import load_for_task
-from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
-from qslm_jax.qslm.report import write_json
-from qslm_jax.qslm.tasks import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m experiments.sensitivity", description=__doc__,
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default="sst2", help="the task whose metric is measured")
+    p.add_argument("--task", choices=sorted(names.TASKS), default="sst2", help="the task whose metric is measured")
     p.add_argument("--const-a", type=finite_float, default=2.0,
                    help="the performance constraint used to order blocks (reach = lowest level passing alone)")
     add_model_and_evaluation_arguments(p)
@@ -41,10 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the analysis described by ``argv``; returns the exit status (0, 1 bad input, 2 usage, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume from the journal.")
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume (training from its last "
+                                                    "checkpoint, evaluations from the journal).")
 
 
 def _run(args) -> int:
+    from qslm_jax.qslm.models import load_for_task
+    from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
+    from qslm_jax.qslm.report import write_json
+    from qslm_jax.qslm.tasks import get_task
+
     check_search_arguments(args, const_a=args.const_a)
     task = get_task(args.task)
     model, description = load_for_task(args.model, task, checkpoint=args.checkpoint, init=args.init,
@@ -57,7 +60,7 @@ def _run(args) -> int:
     out = args.out or Path("runs") / f"sensitivity-{Path(args.model).name}-{task.name}"
     ctx = prepare_evaluation(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                              journal_path=args.journal)
-    baseline, table, order = run_sensitivity(ctx, args.levels, args.const_a)
+    baseline, table, order = run_sensitivity(ctx, args.levels, args.const_a, progress=not args.no_progress)
     write_sensitivity(out, table, baseline, task)
     write_json(out / "sensitivity.json", {
         "task": task.name, "metric": task.metric_name, "baseline": baseline, "protocol": ctx.data.protocol,

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from experiments import names
 from experiments.common import (
     add_model_and_evaluation_arguments,
     as_list,
@@ -29,19 +30,15 @@ from experiments.common import (
 )
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
-from qslm_jax.qslm.models import load_for_task
-from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, STRATEGIES, QSLMSettings, case_budget_mb, run_qslm
-from qslm_jax.qslm.selection import ALPHAS
-from qslm_jax.qslm.tasks import TASKS, get_task
-from qslm_jax.quant.hierarchy import hierarchy_of
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags."""
     p = argparse.ArgumentParser(prog="python -m experiments.tiered", description=__doc__,
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--task", choices=sorted(TASKS), default=None, help="default: the --case's task, else sst2")
-    p.add_argument("--case", choices=sorted(CASES), default=None,
+    p.add_argument("--task", choices=sorted(names.TASKS), default=None,
+                   help="default: the --case's task, else sst2")
+    p.add_argument("--case", choices=sorted(names.CASES), default=None,
                    help="the paper's constraints (a1-a3: SST-2, b1-b3: WikiText-2); memory budgets scale with "
                         "the model's fp32 size (x fp32/861.6 MB). Default when no constraint is given: a1 / b1")
     p.add_argument("--const-a", type=finite_float, default=None,
@@ -51,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--const-m-frac", type=finite_float, default=None,
                         help="memory budget as a fraction of fp32")
     p.add_argument("--alpha", type=finite_float, default=0.5, help="trade-off factor of the selection score")
-    p.add_argument("--alphas", type=parse_levels, default=as_list(ALPHAS), help="alphas of the ablation")
-    p.add_argument("--strategy", choices=STRATEGIES, default="tiered",
+    p.add_argument("--alphas", type=parse_levels, default=as_list(names.ALPHAS), help="alphas of the ablation")
+    p.add_argument("--strategy", choices=names.STRATEGIES, default="tiered",
                    help="tiered: the paper's global -> block -> module search; knapsack: per-unit levels minimising "
                         "memory under the metric drop predicted from measured block/module sensitivities, "
                         "evaluated and repaired until feasible (qslm_jax.qslm.knapsack)")
@@ -64,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _task_and_case(args) -> tuple[str, str | None]:
+    from qslm_jax.qslm.pipeline import CASES
+
     if args.case is not None:
         case_task = CASES[args.case][0]
         if args.task is not None and args.task != case_task:
@@ -78,11 +77,16 @@ def _task_and_case(args) -> tuple[str, str | None]:
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline described by ``argv``; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume: evaluations so far are "
-                                                    "in the journal.")
+    return run_main(lambda: _run(args), resume_hint="Rerun the same command to resume (training from its last "
+                                                    "checkpoint, evaluations from the journal).")
 
 
 def _run(args) -> int:
+    from qslm_jax.qslm.models import load_for_task
+    from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb, run_qslm
+    from qslm_jax.qslm.tasks import get_task
+    from qslm_jax.quant.hierarchy import hierarchy_of
+
     task_name, case = _task_and_case(args)
     task = get_task(task_name)
     const_a = args.const_a if args.const_a is not None else CASES[case][1]

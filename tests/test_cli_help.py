@@ -1,12 +1,17 @@
-"""Every flag of every entry point has help text, and no help text states its default twice."""
+"""Every flag of every entry point has help text, no help text states its default twice, and ``--help`` imports
+no JAX."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
+from experiments import names
 from tests.conftest import REPO_ROOT
 
 ENTRY_POINTS = sorted(p.stem for p in (REPO_ROOT / "experiments").glob("*.py")
@@ -59,3 +64,50 @@ def test_every_flag_has_help_and_states_its_default_once(name, monkeypatch):
                 doubled.append(f"{parser.prog} {flag}")  # e.g. "default 64 (sst2) (default: None)"
     assert not missing, f"flags without help: {missing}"
     assert not doubled, f"flags whose default is printed twice: {doubled}"
+
+
+HEAVY = ("jax", "flax", "optax", "orbax", "matplotlib", "torch", "transformers", "datasets")
+_HELP_IN_A_FRESH_INTERPRETER = """
+import contextlib, io, runpy, sys
+sys.argv = ["{name}", "--help"]
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    runpy.run_module("experiments.{name}", run_name="__main__")
+print(out.getvalue().startswith("usage:"), sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy})))
+"""
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_help_imports_no_jax(name):
+    """``python -m experiments.X --help`` builds its parser and answers without importing JAX (or any other
+    heavy library): the imports come after parsing, so help is immediate."""
+    code = _HELP_IN_A_FRESH_INTERPRETER.format(name=name, heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "[]"], f"--help of experiments.{name} imported {done.stdout}"
+
+
+def test_the_names_the_parsers_offer_are_the_librarys():
+    """experiments.names (plain data, so that parsers need no JAX) agrees with every table it mirrors."""
+    from qslm_jax.equilibrium.memory import METHODS
+    from qslm_jax.equilibrium.solvers import SOLVERS
+    from qslm_jax.equilibrium.train import KDObjective
+    from qslm_jax.models.spikegpt import MODES, PRESETS
+    from qslm_jax.models.spikingbert import GRADIENT_POINTS, SPIKINGBERT_PRESETS
+    from qslm_jax.qslm import pipeline, selection
+    from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
+    from qslm_jax.qslm.tasks import TASKS
+    from qslm_jax.quant.quantizers import QuantScheme
+
+    mirrored = {"SPIKEGPT_PRESETS": PRESETS, "SPIKINGBERT_PRESETS": SPIKINGBERT_PRESETS,
+                "EMBEDDED_PRESET": EMBEDDED_PRESET, "MODES": MODES, "TASKS": TASKS, "CASES": pipeline.CASES,
+                "STRATEGIES": pipeline.STRATEGIES, "DEFAULT_LEVELS": pipeline.DEFAULT_LEVELS,
+                "SELECTION_SPLITS": pipeline.SELECTION_SPLITS, "ALPHAS": selection.ALPHAS,
+                "SCHEMES": QuantScheme.PRESETS, "SOLVERS": SOLVERS, "GRADIENT_POINTS": GRADIENT_POINTS,
+                "KD_OBJECTIVES": KDObjective.PRESETS, "MEMORY_METHODS": METHODS}
+    offered = {name: value for name, value in vars(names).items() if name.isupper()}
+    assert offered.keys() == mirrored.keys()
+    for name, table in mirrored.items():
+        expected = table if isinstance(table, str) else tuple(table)  # a dict: its keys, in order
+        assert offered[name] == expected, f"experiments.names.{name} differs from the library's {expected}"

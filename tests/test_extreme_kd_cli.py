@@ -39,7 +39,7 @@ def test_bad_flag_values_exit_1_with_a_message(flags, message, capsys, tmp_path)
 def test_library_errors_are_reported_not_raised(capsys, tmp_path):
     (tmp_path / "settings.json").write_text("{}")  # an existing run in --out: ConfigError from the library
     assert extreme_kd.main([*BASE, "--out", str(tmp_path)]) == 1
-    assert "--resume" in capsys.readouterr().err
+    assert "another --out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--task", "sst2"], ["--train-teacher", "--steps", "ten"],

@@ -50,13 +50,15 @@ def test_pipeline_writes_results_curves_and_teacher(smoke):
     assert row.startswith("| mrpc | 1 | yes | ") and f"{dev['accuracy']:.2f}% (F1 {dev['f1']:.1f})" in row
 
 
-def test_existing_output_needs_resume_with_the_same_settings(smoke, data_dir):
-    out, _ = smoke
+def test_rerun_resumes_the_run_in_out_and_other_settings_are_refused(smoke, data_dir, capsys):
+    out, results = smoke
     base = [*TINY, "--data-dir", str(data_dir), "--train-teacher", "--teacher-steps", "4", "--out", str(out)]
-    with pytest.raises(ConfigError, match="--resume"):
-        run([*base, "--bits", "1"])
-    with pytest.raises(ConfigError, match="differ"):
-        run([*base, "--bits", "1.58", "--resume"])
+    with pytest.raises(ConfigError, match=r"other settings.*another --out"):
+        run([*base, "--bits", "1.58"])
+    capsys.readouterr()
+    again = run([*base, "--bits", "1"])  # the same command: every stage resumes at its last step
+    assert f"resuming the run in {out}" in capsys.readouterr().out
+    assert again["history"] == results["history"] and again["student"]["dev"] == results["student"]["dev"]
 
 
 @pytest.mark.slow
@@ -69,7 +71,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(smoke, data_dir, tm
     # 4 internal-KD steps and 1 of the prediction stage, then an "interruption"
     stopped = run([*args, "--out", str(tmp_path / "b"), "--stop-after", "5"])
     assert stopped["status"] == "interrupted" and not (tmp_path / "b" / "results.json").exists()
-    resumed = run([*args, "--out", str(tmp_path / "b"), "--resume"])
+    resumed = run([*args, "--out", str(tmp_path / "b")])  # the same command without --stop-after
     assert resumed["history"] == straight["history"]
     assert resumed["student"] == straight["student"]
 

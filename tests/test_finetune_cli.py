@@ -75,8 +75,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--lr", "-1"], "learning_rate=-1.0"),
     (["--steps", "-3"], "steps=-3"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--eval-limit", "0"], "--eval-limit must be >= 1"),
+    (["--batch-size", "0"], "--batch-size to be an integer >= 1, found 0"),
+    (["--eval-limit", "0"], "--eval-limit to be an integer >= 1, found 0"),
 ])
 def test_bad_training_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
     started = time.perf_counter()

@@ -25,7 +25,7 @@ is exactly ``exp(sum NLL / sum tokens)``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -183,8 +183,10 @@ class Evaluator:
         compiled = jax.jit(self._candidate_stats).lower(self._params, self._clip, self._rest, bits, batches).compile()
         return compiled.memory_analysis()
 
-    def stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]]) -> list[dict[str, float]]:
-        """The metric's statistics of every plan, summed over all batches (float64)."""
+    def stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
+              on_chunk: Callable[[int], object] | None = None) -> list[dict[str, float]]:
+        """The metric's statistics of every plan, summed over all batches (float64); ``on_chunk(n)`` after each
+        compiled chunk, with the number of plans it computed (progress bars)."""
         if not plans:
             return []
         for plan in plans:
@@ -200,14 +202,18 @@ class Evaluator:
                                                                   stacked))
             sums = {k: np.asarray(v, np.float64).sum(axis=1) for k, v in out.items()}
             totals.extend({k: float(v[i]) for k, v in sums.items()} for i in range(chunk))
+            if on_chunk is not None:
+                on_chunk(min(chunk, len(plans) - start))
             start += chunk
             self.calls += 1
             self.slots += chunk
         return totals[:len(plans)]
 
-    def __call__(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]]) -> list[float]:
-        """The metric of every plan over all batches, in the order of ``plans``."""
-        return [self.metric.finalize(t) for t in self.stats(plans, batches)]
+    def __call__(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
+                 on_chunk: Callable[[int], object] | None = None) -> list[float]:
+        """The metric of every plan over all batches, in the order of ``plans`` (``on_chunk``: as
+        :meth:`stats`)."""
+        return [self.metric.finalize(t) for t in self.stats(plans, batches, on_chunk=on_chunk)]
 
 
 def evaluate_candidates(model: nnx.Module, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]],

@@ -100,9 +100,12 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
     if stop_after is not None and stop_after < recipe.train.steps:
         _plot_history(result.history, out / "curve.png", task, model.config)
         return metrics | {"interrupted": True}
+    log.info("evaluating the trained model on %s (%d items, one compiled call)", data.protocol, data.eval_items)
     start = time.perf_counter()
     metrics["metric"] = evaluate(result.model, task, data.eval_batches)
     metrics["eval_seconds"] = round(time.perf_counter() - start, 1)
+    log.info("trained model: %s %.4g (evaluated in %.0f s)", task.metric_name, metrics["metric"],
+             metrics["eval_seconds"])
     _plot_history(result.history, out / "curve.png", task, model.config, eval_metric=metrics["metric"])
     if data.token_streams is not None:
         streams = data.token_streams

@@ -40,7 +40,6 @@ import flax
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT
@@ -50,6 +49,7 @@ from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
 from qslm_jax.qslm.journal import Journal, fingerprint
 from qslm_jax.qslm.knapsack import knapsack_search
 from qslm_jax.qslm.power import PowerMeter
+from qslm_jax.qslm.progress import SearchProgress, with_progress
 from qslm_jax.qslm.report import plot_pareto, plot_sensitivity, search_title, write_candidates_csv, write_json
 from qslm_jax.qslm.search import (
     BATCH_SIZES,
@@ -205,11 +205,12 @@ class MeteredEvaluate:
         self.calls: list[dict[str, Any]] = []
         self.per_plan: dict[str, dict[str, float]] = {}
 
-    def __call__(self, plans: list[QuantPlan]) -> list[float]:
+    def __call__(self, plans: list[QuantPlan], *, on_chunk=None) -> list[float]:
+        """The metrics of ``plans`` (``on_chunk``: :meth:`Evaluator.stats`'s progress callback)."""
         self.evaluator.prepare(len(plans), self.batches)
         slots = self.evaluator.slots
         with PowerMeter() as meter:
-            metrics = self.evaluator(plans, self.batches)
+            metrics = self.evaluator(plans, self.batches, on_chunk=on_chunk)
         slots = self.evaluator.slots - slots
         reading = meter.reading.to_dict()
         per = reading["energy_j"] / slots if reading["measured"] else None
@@ -283,12 +284,13 @@ def report_split_journal_path(search_journal: Path) -> Path:
     return search_journal.with_name(search_journal.stem + ".report" + search_journal.suffix)
 
 
-def run_sensitivity(ctx: EvaluationContext, levels: Sequence[float], const_a: float
+def run_sensitivity(ctx: EvaluationContext, levels: Sequence[float], const_a: float, *, progress: bool = True
                     ) -> tuple[float, dict, tuple[str, ...]]:
-    """The fp32 baseline metric, the sensitivity table (every block alone at every level, one batched call)
-    and the block order it implies (least sensitive first; qslm.md section 1)."""
+    """The fp32 baseline metric, the sensitivity table (every block alone at every level, one batched call,
+    with a bar of its plans) and the block order it implies (least sensitive first; qslm.md section 1)."""
     baseline_metric = CachedEvaluator(ctx.evaluate, ctx.hierarchy, ctx.journal)([QuantPlan()])[0]
-    table = sensitivity_table(ctx.hierarchy, ctx.evaluate, levels, journal=ctx.journal)
+    table = sensitivity_table(ctx.hierarchy, with_progress(ctx.evaluate, "sensitivity", enabled=progress), levels,
+                              journal=ctx.journal)
     order = sensitivity_order(table, baseline_metric, const_a=const_a, higher_is_better=ctx.task.higher_is_better)
     return baseline_metric, table, order
 
@@ -321,21 +323,16 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
 
     log.info("evaluating on %s; journal %s (%d entries)", data.protocol, journal.path, len(journal))
     tic, journaled = time.perf_counter(), len(journal)
-    baseline_metric, table, order = run_sensitivity(ctx, settings.levels, settings.const_a)
+    baseline_metric, table, order = run_sensitivity(ctx, settings.levels, settings.const_a, progress=progress)
     sensitivity_seconds = time.perf_counter() - tic
     sensitivity_computed = len(journal) - journaled
     log.info("sensitivity: fp32 %s %.4g; %d plans (%d new) in %.0f s; block order %s", task.metric_name,
              baseline_metric, sum(len(row) for row in table.values()), sensitivity_computed, sensitivity_seconds,
              ", ".join(order))
 
-    bar = tqdm(desc=f"{settings.strategy} search", unit="cand", disable=not progress)
-
-    def on_evaluated(made):
-        bar.update(len(made))
-        bar.set_postfix(phase=made[0].phase, unit=made[0].unit)
-
-    result = run_strategy(ctx, settings, table, order, on_evaluated)
-    bar.close()
+    bars = SearchProgress(hierarchy, settings.levels, order=order, strategy=settings.strategy, enabled=progress)
+    result = run_strategy(ctx, settings, table, order, bars, progress=progress)
+    bars.close()
     log.info("%s search: %d candidates (%d new, %d from the journal), %d feasible, in %.0f s", settings.strategy,
              len(result.candidates), result.evaluations, result.journal_hits, len(result.feasible),
              sum(result.seconds.values()))
@@ -439,15 +436,17 @@ def check_strategy(settings: QSLMSettings) -> None:
 
 
 def run_strategy(ctx: EvaluationContext, settings: QSLMSettings, table: dict, order: tuple[str, ...],
-                 on_evaluated) -> SearchResult:
+                 on_evaluated, *, progress: bool = False) -> SearchResult:
     """The search ``settings.strategy`` names, in calls of the evaluator's compiled sizes: the tiered search
     (qslm.md section 3; ``settings.stop`` its stop rule, speculating from the sensitivity ``table``) or the
-    knapsack strategy (:mod:`qslm_jax.qslm.knapsack`)."""
+    knapsack strategy (:mod:`qslm_jax.qslm.knapsack`; ``progress``: a bar of the plans of each of its calls,
+    the first of which measures every unit at every level)."""
     sizes = ctx.evaluator.chunk_sizes(settings.chunk_size or max(BATCH_SIZES), stack_batches(ctx.data.eval_batches))
     common = dict(levels=settings.levels, const_a=settings.const_a, const_m=settings.const_m_mb,
                   higher_is_better=ctx.task.higher_is_better, journal=ctx.journal, on_evaluated=on_evaluated)
     if settings.strategy == "knapsack":
-        return knapsack_search(ctx.hierarchy, ctx.evaluate, batch_size=sizes[0], **common)
+        return knapsack_search(ctx.hierarchy, with_progress(ctx.evaluate, "knapsack", enabled=progress),
+                               batch_size=sizes[0], **common)
     return tiered_search(ctx.hierarchy, ctx.evaluate, order=order, stop=settings.stop, sensitivity=table,
                          batch_sizes=sizes, **common)
 

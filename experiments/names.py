@@ -1,0 +1,19 @@
+"""The names and defaults the command lines offer, as plain data, so that building a parser (and answering
+``--help``) imports no JAX. Each mirrors the library table named beside it; ``tests/test_cli_help.py`` checks
+that they agree."""
+
+SPIKEGPT_PRESETS = ("spikegpt216m", "spikegpt-small", "spikegpt-micro", "spikegpt-tiny")  # models.spikegpt.PRESETS
+SPIKINGBERT_PRESETS = ("full", "small", "tiny")  # models.spikingbert.SPIKINGBERT_PRESETS
+EMBEDDED_PRESET = "spikegpt-small"  # qslm.finetuning.EMBEDDED_PRESET
+MODES = ("gpt", "rnn")  # models.spikegpt.MODES
+TASKS = ("sst2", "wikitext2")  # qslm.tasks.TASKS
+CASES = ("a1", "a2", "a3", "b1", "b2", "b3")  # qslm.pipeline.CASES
+STRATEGIES = ("tiered", "knapsack")  # qslm.pipeline.STRATEGIES
+DEFAULT_LEVELS = (32, 16, 12, 8, 6, 4, 3, 2)  # qslm.pipeline.DEFAULT_LEVELS
+SELECTION_SPLITS = ("held-out", "same")  # qslm.pipeline.SELECTION_SPLITS
+ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0)  # qslm.selection.ALPHAS
+SCHEMES = ("minmax", "symmetric", "per-channel", "mse", "all-tensors")  # quant.quantizers.QuantScheme.PRESETS
+SOLVERS = ("fixed_point", "anderson")  # equilibrium.solvers.SOLVERS
+GRADIENT_POINTS = ("surrogate", "equilibrium")  # models.spikingbert.GRADIENT_POINTS
+KD_OBJECTIVES = ("internal", "kd", "ce", "kd+ce")  # equilibrium.train.KDObjective.PRESETS
+MEMORY_METHODS = ("implicit", "bptt")  # equilibrium.memory.METHODS
