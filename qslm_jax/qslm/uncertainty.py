@@ -136,3 +136,15 @@ class Bootstrap:
         ``high`` (perplexity increase); nan when the interval is not finite."""
         low, high = self.delta_ci(examples, baseline)
         return -low if higher_is_better else high
+
+
+def intervals(bootstrap: Bootstrap, examples: Examples, baseline: Examples) -> dict[str, list[float]]:
+    """A report's ``{"metric_ci": [low, high], "delta_ci": [low, high]}`` of one candidate (``delta_ci``:
+    its metric minus the baseline's, paired)."""
+    return {"metric_ci": list(bootstrap.metric_ci(examples)), "delta_ci": list(bootstrap.delta_ci(examples, baseline))}
+
+
+def describe(bootstrap: Bootstrap, unit: str) -> dict[str, Any]:
+    """How a report's intervals were computed (``unit``: what one resampled example is)."""
+    return {"method": "percentile bootstrap; delta_ci paired with the fp32 baseline on the same resamples",
+            "level": bootstrap.level, "resamples": bootstrap.resamples, "seed": bootstrap.seed, "unit": unit}
