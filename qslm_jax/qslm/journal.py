@@ -60,6 +60,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
+def _example_set(examples: Mapping[str, Any]) -> tuple[tuple[str, ...], int]:
+    return tuple(sorted(examples)), len(next(iter(examples.values())))
+
+
 class Journal:
     """Append-only record of evaluations ``plan -> (metric, memory_bytes)`` for one fingerprinted setup."""
 
@@ -68,6 +72,7 @@ class Journal:
         self.meta = _canonical(meta)
         self.fingerprint = fingerprint(meta)
         self._entries: dict[str, dict[str, Any]] = {}
+        self._example_set: tuple[tuple[str, ...], int] | None = None  # (statistics, examples) of every entry
         self.repaired = False  # True when a cut-short last line was dropped on opening
         self._load()
 
@@ -94,8 +99,11 @@ class Journal:
 
     def record(self, plan: QuantPlan, metric: float, memory_bytes: int, examples: Examples | None = None) -> None:
         """Append one evaluation (with its per-example statistics, if any) and flush it to disk."""
-        stored = None if examples is None else {k: v.tolist() for k, v in check_examples(examples,
-                                                                                           plan.key()).items()}
+        stored = None
+        if examples is not None:
+            checked = check_examples(examples, plan.key())
+            self._check_example_set(_example_set(checked), f"plan {plan.key()}")
+            stored = {k: v.tolist() for k, v in checked.items()}
         entry = {"key": plan.key(), "plan": plan.to_dict(), "metric": float(metric),
                  "memory_bytes": int(memory_bytes), "examples": stored, "time": _now()}
         self._append(entry)
@@ -168,7 +176,6 @@ class Journal:
                             f"start over."
                         ) from err
                     self.repaired = True
-            lengths = set()
             for number, entry in enumerate(records[1:], start=2):
                 if not isinstance(entry, dict) or not {"key", "metric", "examples"} <= entry.keys():
                     raise ConfigError(f"journal {self.path} line {number}: expected an evaluation with 'key', "
@@ -179,11 +186,8 @@ class Journal:
                         examples = check_examples(entry["examples"], f"journal {self.path} line {number}")
                     except DataError as err:
                         raise ConfigError(f"{err}; fix or delete that line.") from err
-                    lengths.add((tuple(sorted(examples)), len(next(iter(examples.values())))))
+                    self._check_example_set(_example_set(examples), f"line {number}")
                 self._entries[entry["key"]] = entry
-            if len(lengths) > 1:
-                raise ConfigError(f"journal {self.path} holds per-example statistics of different example sets "
-                                  f"{sorted(lengths)}: one journal is one evaluation set; delete it to start over.")
             good = "".join(line + "\n" for line in lines[:len(records)])
             if good != text:  # drop a cut-short last line / restore a missing final newline before appending
                 handle.seek(0)
@@ -191,6 +195,16 @@ class Journal:
                 handle.truncate()
                 handle.flush()
                 os.fsync(handle.fileno())
+
+    def _check_example_set(self, found: tuple[tuple[str, ...], int], where: str) -> None:
+        """Every entry's per-example statistics cover one example set (one journal = one evaluation set)."""
+        if self._example_set is None:
+            self._example_set = found
+        elif found != self._example_set:
+            raise ConfigError(f"journal {self.path} {where}: per-example statistics {found[0]} of {found[1]} "
+                              f"examples, but the journal holds {self._example_set[0]} of "
+                              f"{self._example_set[1]}: one journal holds one evaluation set; pass another journal "
+                              f"path or delete it to start over.")
 
     def _check_header(self, header: Any) -> None:
         if not isinstance(header, dict) or header.get("journal") != JOURNAL_TAG:

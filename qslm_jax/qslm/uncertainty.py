@@ -63,7 +63,10 @@ def check_examples(examples: Any, where: str) -> dict[str, np.ndarray]:
                         f"{str(examples)[:200]}")
     arrays = {}
     for key, values in examples.items():
-        array = np.asarray(values, dtype=np.float64) if isinstance(values, list | tuple | np.ndarray) else None
+        try:
+            array = np.asarray(values, dtype=np.float64) if isinstance(values, list | tuple | np.ndarray) else None
+        except (TypeError, ValueError):
+            array = None
         if not isinstance(key, str) or array is None or array.ndim != 1 or not np.isfinite(array).all():
             raise DataError(f"{where}: statistic {key!r} must be a list of finite numbers, found "
                             f"{str(values)[:200]}")
