@@ -205,9 +205,9 @@ def test_the_fingerprint_covers_the_format_version(monkeypatch):
 
 @pytest.mark.parametrize(("examples", "message"), [
     ({"correct": [1, 0], "examples": [1]}, "same non-zero length"),
-    ({"correct": [1, "x"], "examples": [1, 1]}, "finite numbers"),
+    ({"correct": [1, "x"], "examples": [1, 1]}, "list of numbers"),
     ({"correct": [1.0], "examples": [1.0]}, "one evaluation set"),
-    ({"correct": "10"}, "finite numbers"),
+    ({"correct": "10"}, "list of numbers"),
 ])
 def test_malformed_per_example_statistics_are_refused_on_reading(tmp_path, examples, message):
     path = tmp_path / "journal.jsonl"

@@ -104,8 +104,12 @@ def test_paired_interval_is_narrower_than_the_unpaired_difference():
 def test_bad_statistics_and_levels_are_refused():
     with pytest.raises(DataError, match="same non-zero length"):
         check_examples({"correct": [1, 0], "examples": [1]}, "here")
-    with pytest.raises(DataError, match="finite numbers"):
-        check_examples({"nll": [1.0, math.nan], "tokens": [1, 1]}, "here")
+    with pytest.raises(DataError, match="list of numbers"):
+        check_examples({"nll": [[1.0], [2.0]], "tokens": [1, 1]}, "here")
+    broken = {"nll": np.array([1.0, math.inf]), "tokens": np.ones(2)}  # a candidate whose NLL overflowed
+    assert check_examples(broken, "here")["nll"][1] == math.inf
+    assert all(math.isnan(x) for x in PERPLEXITY.metric_ci(broken) + PERPLEXITY.delta_ci(broken, windows(n=2)))
+    assert math.isnan(PERPLEXITY.worst_degradation(broken, windows(n=2), higher_is_better=False))
     with pytest.raises(DataError, match="map statistic names"):
         check_examples([1, 2], "here")
     with pytest.raises(DataError, match="same examples"):

@@ -572,14 +572,17 @@ def summary_markdown(report: dict) -> str:
              ""]
     sel = report.get("selection")
     if sel:
-        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f} (search split)",
+        low, high = sel["delta_ci"]
+        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f} (search split; change vs fp32 "
+                  f"[{low:+.4g}, {high:+.4g}], {100 * report['intervals']['level']:g}% paired bootstrap)",
                   f"- memory: {sel['memory_bytes'] / MB:.4f} MB ({sel['memory_saving_percent']:.1f}% saved vs fp32)",
                   f"- plan: `{sel['plan']}`"]
         held = report.get("report_split")
         if held:
             m = held["metrics"]
+            low, high = held["intervals"]["selection"]["delta_ci"]
             lines += [f"- on the report split ({held['split']}: {held['protocol']}): fp32 {m['baseline']:.4f}, "
-                      f"selection {m['selection']:.4f}"]
+                      f"selection {m['selection']:.4f} (change [{low:+.4g}, {high:+.4g}])"]
         lines += ["", "## Alpha ablation", "",
                   "| alpha | metric | memory (MB) | saving | score |", "|---|---|---|---|---|"]
         for alpha, row in report["alpha_ablation"].items():

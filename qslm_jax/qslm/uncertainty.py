@@ -57,7 +57,8 @@ class Evaluation:
 
 def check_examples(examples: Any, where: str) -> dict[str, np.ndarray]:
     """``examples`` as ``{statistic: float64 (n,)}``, refused (:class:`DataError`) unless it maps names to
-    equally long, non-empty 1-D arrays of finite numbers."""
+    equally long, non-empty 1-D arrays of numbers (nan and inf are kept: a broken candidate's NLL may be
+    non-finite, and its intervals are then nan)."""
     if not isinstance(examples, Mapping) or not examples:
         raise DataError(f"{where}: per-example statistics must map statistic names to arrays, found "
                         f"{str(examples)[:200]}")
@@ -67,8 +68,8 @@ def check_examples(examples: Any, where: str) -> dict[str, np.ndarray]:
             array = np.asarray(values, dtype=np.float64) if isinstance(values, list | tuple | np.ndarray) else None
         except (TypeError, ValueError):
             array = None
-        if not isinstance(key, str) or array is None or array.ndim != 1 or not np.isfinite(array).all():
-            raise DataError(f"{where}: statistic {key!r} must be a list of finite numbers, found "
+        if not isinstance(key, str) or array is None or array.ndim != 1:
+            raise DataError(f"{where}: statistic {key!r} must be a list of numbers, found "
                             f"{str(values)[:200]}")
         arrays[key] = array
     lengths = {k: len(v) for k, v in arrays.items()}
@@ -89,8 +90,12 @@ def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.
 
 
 def resampled_metrics(finalize: Finalize, examples: Examples, counts: np.ndarray) -> np.ndarray:
-    """``finalize(S_r)`` for every row ``r`` of ``counts``, ``S_r[k] = sum_i counts_ri examples[k]_i``."""
-    sums = {k: counts @ np.asarray(v, np.float64) for k, v in examples.items()}
+    """``finalize(S_r)`` for every row ``r`` of ``counts``, ``S_r[k] = sum_i counts_ri examples[k]_i`` (all
+    nan when a statistic is not finite)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 draws: nan, as intended
+        sums = {k: counts @ np.asarray(v, np.float64) for k, v in examples.items()}
+    if not all(np.isfinite(s).all() for s in sums.values()):
+        return np.full(len(counts), np.nan)
     return np.array([finalize({k: float(s[r]) for k, s in sums.items()}) for r in range(len(counts))])
 
 
