@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qslm_jax.errors import DataError
 
@@ -53,7 +54,8 @@ class Metric(Protocol):
         ...
 
     def finalize(self, totals: Mapping[str, float]) -> float:
-        """The metric from statistics summed over every batch."""
+        """The metric from statistics summed over every batch; elementwise when the totals are equally
+        shaped arrays (one per bootstrap resample, :mod:`qslm_jax.qslm.uncertainty`)."""
         ...
 
 
@@ -85,8 +87,8 @@ class Accuracy(_Additive):
         return {"correct": hit * weight, "examples": weight}
 
     def finalize(self, totals: Mapping[str, float]) -> float:
-        """``100 * correct / examples``."""
-        if totals["examples"] <= 0:
+        """``100 * correct / examples`` (elementwise over arrays of totals)."""
+        if np.any(np.asarray(totals["examples"]) <= 0):
             raise DataError("accuracy over zero examples: the batches hold no example with valid = 1")
         return 100.0 * totals["correct"] / totals["examples"]
 
@@ -111,13 +113,17 @@ class Perplexity(_Additive):
         return {"nll": -jnp.sum(target_logp * mask, axis=-1), "tokens": jnp.sum(mask, axis=-1)}
 
     def finalize(self, totals: Mapping[str, float]) -> float:
-        """:func:`perplexity` of the totals."""
+        """:func:`perplexity` of the totals (elementwise over arrays of totals)."""
         return perplexity(totals["nll"], totals["tokens"])
 
 
 def perplexity(total_nll: float, total_tokens: float) -> float:
-    """``exp(total_nll / total_tokens)`` (QSLM paper Eq. 2 over a whole split)."""
-    if total_tokens <= 0:
+    """``exp(total_nll / total_tokens)`` (QSLM paper Eq. 2 over a whole split). Scalars: ``math.exp``; arrays
+    (bootstrap resamples): elementwise ``numpy.exp``, inf where it overflows."""
+    if np.any(np.asarray(total_tokens) <= 0):
         raise DataError("perplexity over zero scored tokens: every score_mask entry is 0")
-    return math.exp(total_nll / total_tokens)
+    if np.ndim(total_nll) == np.ndim(total_tokens) == 0:
+        return math.exp(total_nll / total_tokens)
+    with np.errstate(over="ignore"):
+        return np.exp(np.asarray(total_nll) / total_tokens)
 

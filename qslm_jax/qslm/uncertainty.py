@@ -27,9 +27,10 @@ report, a rerun and a resumed run (the journal stores the per-example statistics
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,9 @@ from qslm_jax.errors import ConfigError, DataError
 RESAMPLES = 2000
 SEED = 0
 LEVEL = 0.95  # the reported intervals' level without --confidence
+MEMO = 512  # resampled-metric arrays a Bootstrap remembers (16 kB each at 2000 resamples)
 Examples = Mapping[str, np.ndarray]  # statistic -> (n,) per-example values
-Finalize = Callable[[Mapping[str, float]], float]
+Finalize = Callable[[Mapping[str, Any]], Any]  # totals -> metric, elementwise over arrays of totals
 
 
 @dataclass(frozen=True)
@@ -85,18 +87,21 @@ def resample_counts(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.
     if n < 1 or resamples < 1:
         raise ConfigError(f"a bootstrap needs n >= 1 examples and >= 1 resamples, found n={n}, {resamples}")
     counts = np.random.Generator(np.random.PCG64(seed)).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    counts = counts.astype(np.float64)  # exact (counts <= n); the float matrix product is the fast one
     counts.setflags(write=False)
     return counts
 
 
 def resampled_metrics(finalize: Finalize, examples: Examples, counts: np.ndarray) -> np.ndarray:
-    """``finalize(S_r)`` for every row ``r`` of ``counts``, ``S_r[k] = sum_i counts_ri examples[k]_i`` (all
-    nan when a statistic is not finite)."""
+    """``finalize(S_r)`` for every row ``r`` of ``counts``, ``S_r[k] = sum_i counts_ri examples[k]_i``, in one
+    call on the arrays ``S[k]`` (all nan when a statistic is not finite)."""
+    keys = list(examples)
     with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 draws: nan, as intended
-        sums = {k: counts @ np.asarray(v, np.float64) for k, v in examples.items()}
+        stacked = counts @ np.stack([np.asarray(examples[k], np.float64) for k in keys], axis=1)
+    sums = {k: stacked[:, j] for j, k in enumerate(keys)}
     if not all(np.isfinite(s).all() for s in sums.values()):
         return np.full(len(counts), np.nan)
-    return np.array([finalize({k: float(s[r]) for k, s in sums.items()}) for r in range(len(counts))])
+    return np.asarray(finalize(sums), np.float64)  # elementwise over the resamples (Metric.finalize)
 
 
 def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -116,14 +121,26 @@ class Bootstrap:
     level: float = LEVEL
     resamples: int = RESAMPLES
     seed: int = SEED
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # content digest -> resampled metrics
 
     def __post_init__(self):
         if not 0 < self.level < 1:
             raise ConfigError(f"an interval level must lie in (0, 1), found {self.level}")
 
     def _resampled(self, examples: Examples) -> np.ndarray:
-        n = len(next(iter(examples.values())))
-        return resampled_metrics(self.finalize, examples, resample_counts(n, self.resamples, self.seed))
+        """:func:`resampled_metrics` of ``examples``, computed once per content (the baseline is paired with
+        every candidate; at most :data:`MEMO` remembered)."""
+        digest = hashlib.sha256()
+        for key in sorted(examples):
+            digest.update(key.encode() + np.ascontiguousarray(examples[key], np.float64).tobytes())
+        key = digest.hexdigest()
+        if key not in self._memo:
+            if len(self._memo) >= MEMO:
+                self._memo.pop(next(iter(self._memo)))
+            n = len(next(iter(examples.values())))
+            self._memo[key] = resampled_metrics(self.finalize, examples, resample_counts(n, self.resamples,
+                                                                                         self.seed))
+        return self._memo[key]
 
     def metric_ci(self, examples: Examples) -> tuple[float, float]:
         """The percentile interval of the metric on ``examples``."""
