@@ -144,8 +144,8 @@ def test_training_curve_shows_smoothed_loss_metric_and_evaluation(tmp_path, figu
 
 
 def test_pareto_plot_draws_each_interval_as_an_error_bar_and_the_csv_lists_them(tmp_path, figures):
-    """metric_ci becomes a vertical error bar at each candidate (a nan interval: no bar), the baseline's too;
-    candidates.csv has each interval's ends as columns."""
+    """metric_ci becomes a thin error bar at each candidate (a nan interval: no bar), the baseline's too, and
+    fp32 + delta_ci a thick one; candidates.csv has each interval's ends as columns."""
     import csv
 
     candidates = [{**_cand(5, 79.0, True), "metric_ci": [77.5, 80.0], "delta_ci": [-2.5, -0.5]},
@@ -157,8 +157,11 @@ def test_pareto_plot_draws_each_interval_as_an_error_bar_and_the_csv_lists_them(
     ax = figures[0].axes[0]
     bars = sorted(tuple(np.round(segment[:, 1], 6)) for collection in ax.collections
                   if type(collection).__name__ == "LineCollection" for segment in collection.get_segments())
-    assert bars == [(77.5, 80.0), (79.0, 81.5), (79.5, 79.5), (79.5, 81.5)]  # nan: a zero-length bar
+    metric_bars = [(77.5, 80.0), (79.0, 81.5), (79.5, 79.5), (79.5, 81.5)]  # nan: a zero-length bar
+    delta_bars = [(78.0, 80.0), (79.5, 80.5), (79.5, 79.5)]  # fp32 80.5 + delta_ci
+    assert bars == sorted(metric_bars + delta_bars)
     assert "90% bootstrap interval (metric_ci)" in _legend(ax)
+    assert any(text.startswith("fp32 + paired change interval (delta_ci)") for text in _legend(ax))
     report.write_candidates_csv(tmp_path / "c.csv", [*candidates, _cand(3, 50.0, False)])
     with (tmp_path / "c.csv").open() as handle:
         rows = list(csv.DictReader(handle))
