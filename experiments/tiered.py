@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -56,8 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stop", action="store_true",
                    help="tiered: evaluate every level of each unit and keep the lowest that passes, instead of "
                         "the paper's stop at a unit's first failing level (more evaluations, more candidates)")
+    p.add_argument("--confidence", type=interval_level, default=None,
+                   help="pass a candidate only if the whole paired bootstrap interval (at this level) of its "
+                        "change vs fp32 is within --const-a; default: the paper's rule on the point estimate. "
+                        "Reports show intervals at this level (95%% without it)")
     add_model_and_evaluation_arguments(p)
     return p
+
+
+def interval_level(text: str) -> float:
+    """``--confidence``: a number strictly between 0 and 1 (argparse error otherwise)."""
+    try:
+        level = float(text)
+    except ValueError:
+        level = math.nan
+    if not 0 < level < 1:
+        raise argparse.ArgumentTypeError(f"expected a level in (0, 1) such as 0.95, found {text!r}")
+    return level
 
 
 def _task_and_case(args) -> tuple[str, str | None]:
@@ -105,7 +121,8 @@ def _run(args) -> int:
                             alphas=args.alphas, eval_limit=args.eval_limit,
                             eval_batch_size=eval_batch_size(args, task), chunk_size=args.chunk_size,
                             devices=args.devices, case=case, selection_split=args.selection_split,
-                            scheme=scheme_of(args), strategy=args.strategy, stop=not args.no_stop)
+                            scheme=scheme_of(args), strategy=args.strategy, stop=not args.no_stop,
+                            confidence=args.confidence)
     out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
     report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                             journal_path=args.journal, progress=not args.no_progress)

@@ -130,6 +130,34 @@ def test_accuracy_ignores_dummy_rows(model):
         assert acc == pytest.approx(100.0 * hits.mean())
 
 
+def test_per_example_statistics_sum_to_the_batch_statistics(model, lm_batches):
+    """One pass gives both: the per-window statistics (padding windows dropped) are the rows of the metric's
+    own per-batch sums, and their totals are the metric."""
+    plans = [QuantPlan(), QuantPlan(4)]
+    real = np.concatenate([b["score_mask"].sum(axis=1) > 0 for b in lm_batches])
+    assert not real.all()  # the last batch is padded with empty windows
+    evaluator = Evaluator(model, Perplexity(), chunk_size=2)
+    batch_stats = nnx.jit(lambda m, b: Perplexity().batch_stats(m, b))
+    for plan, got in zip(plans, evaluator.evaluations(plans, lm_batches), strict=True):
+        assert set(got.examples) == {"nll", "tokens"} and len(got.examples["nll"]) == real.sum()
+        qmodel = quantize_model(model, plan)
+        sums = [jax.device_get(batch_stats(qmodel, {k: jnp.asarray(v) for k, v in b.items()})) for b in lm_batches]
+        assert got.examples["tokens"].sum() == sum(float(t["tokens"]) for t in sums) == 149
+        assert got.examples["nll"].sum() == pytest.approx(sum(float(t["nll"]) for t in sums), rel=1e-5)
+        assert (got.examples["tokens"] > 0).all()
+        assert got.metric == Perplexity().finalize({k: v.sum() for k, v in got.examples.items()})
+    assert [e.metric for e in evaluator.evaluations(plans, lm_batches)] == evaluator(plans, lm_batches)
+
+    rng = np.random.default_rng(1)
+    batches = [{"idx": rng.integers(2, CONFIG.vocab_size, (4, 12)).astype(np.int32),
+                "attention_mask": np.ones((4, 12), np.int32), "labels": rng.integers(0, 2, 4).astype(np.int32),
+                "valid": np.array([1, 1, 1, 0] if i == 2 else [1, 1, 1, 1], np.float32)} for i in range(3)]
+    sentences = Evaluator(model, Accuracy()).evaluations([QuantPlan()], batches)[0]
+    assert (sentences.examples["examples"] == 1).all() and len(sentences.examples["examples"]) == 11
+    assert set(np.unique(sentences.examples["correct"])) <= {0.0, 1.0}
+    assert sentences.metric == pytest.approx(100 * sentences.examples["correct"].mean())
+
+
 def test_memory_budget_sets_the_chunk(model, lm_batches):
     stacked = stack_batches(lm_batches)
     roomy = Evaluator(model, Perplexity(), memory_budget_bytes=10**12)

@@ -164,3 +164,70 @@ def test_processes_creating_one_journal_at_once_write_one_header(tmp_path):
             assert sum("journal" in line for line in lines) == 1 and "journal" in lines[0]
             assert len(lines) == 1 + 8
             assert len(Journal(path, META)) == 1  # eight records of one plan
+
+
+def test_per_example_statistics_round_trip_exactly(tmp_path):
+    """float64 per-window NLLs come back bit for bit (a resumed run recomputes identical intervals)."""
+    import numpy as np
+
+    path = tmp_path / "journal.jsonl"
+    stats = {"nll": np.random.default_rng(0).uniform(0, 700, 33), "tokens": np.full(33, 64.0)}
+    Journal(path, META).record(QuantPlan(4), 123.456, 10, stats)
+    Journal(path, META).record(QuantPlan(8), 120.0, 20)  # an evaluate function without per-example statistics
+    reopened = Journal(path, META)
+    back = reopened.examples(QuantPlan(4).key())
+    assert set(back) == {"nll", "tokens"} and all((back[k] == stats[k]).all() for k in stats)
+    assert back["nll"].dtype == np.float64
+    assert reopened.examples(QuantPlan(8).key()) is None and reopened.examples(QuantPlan(2).key()) is None
+
+
+def test_a_version_1_journal_is_refused_with_what_to_do(tmp_path):
+    """Written before per-example statistics were journaled: its intervals cannot be recomputed."""
+    path = tmp_path / "old.jsonl"
+    header = {"journal": "qslm-search", "version": 1, "fingerprint": "0" * 64, "meta": META, "created": "x"}
+    entry = {"key": QuantPlan().key(), "plan": QuantPlan().to_dict(), "metric": 90.0, "memory_bytes": 10}
+    content = json.dumps(header) + "\n" + json.dumps(entry) + "\n"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"format version 1, expected 2.*per-example statistics.*another "
+                                          r"journal path"):
+        Journal(path, META)
+    assert path.read_text() == content
+
+def test_the_fingerprint_covers_the_format_version(monkeypatch):
+    """The default journal path is named by the fingerprint: a new format gets a new file, so a search left at
+    its default journal re-evaluates rather than meeting a version-1 journal."""
+    from qslm_jax.qslm import journal
+
+    current = fingerprint(META)
+    monkeypatch.setattr(journal, "JOURNAL_VERSION", 1)
+    assert fingerprint(META) != current
+
+
+@pytest.mark.parametrize(("examples", "message"), [
+    ({"correct": [1, 0], "examples": [1]}, "same non-zero length"),
+    ({"correct": [1, "x"], "examples": [1, 1]}, "list of numbers"),
+    ({"correct": [1.0], "examples": [1.0]}, "one evaluation set"),
+    ({"correct": "10"}, "list of numbers"),
+])
+def test_malformed_per_example_statistics_are_refused_on_reading(tmp_path, examples, message):
+    path = tmp_path / "journal.jsonl"
+    Journal(path, META).record(QuantPlan(), 90.0, 10, {"correct": [1.0, 1.0], "examples": [1.0, 1.0]})
+    entry = {"key": QuantPlan(8).key(), "plan": QuantPlan(8).to_dict(), "metric": 1.0, "memory_bytes": 1,
+             "examples": examples, "time": "x"}
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    with pytest.raises(ConfigError, match=message):
+        Journal(path, META)
+
+
+def test_entries_over_different_example_sets_are_refused_before_writing(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path, META)
+    journal.record(QuantPlan(), 90.0, 10, {"correct": [1.0, 1.0], "examples": [1.0, 1.0]})
+    with pytest.raises(ConfigError, match="one evaluation set"):
+        journal.record(QuantPlan(8), 90.0, 10, {"correct": [1.0], "examples": [1.0]})
+    assert len(Journal(path, META)) == 1
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1].replace('"examples": {', '"nope": {')]) + "\n")
+    with pytest.raises(ConfigError, match="'key', 'metric' and 'examples'"):
+        Journal(path, META)

@@ -141,3 +141,30 @@ def test_training_curve_shows_smoothed_loss_metric_and_evaluation(tmp_path, figu
     assert metric_ax.get_yscale() == "log" and loss_ax.get_yscale() == "linear"
     smoothed = _line(metric_ax, "smoothed").get_ydata()
     np.testing.assert_allclose(np.log(smoothed), report.smooth(np.log([r["perplexity"] for r in history]), 6))
+
+
+def test_pareto_plot_draws_each_interval_as_an_error_bar_and_the_csv_lists_them(tmp_path, figures):
+    """metric_ci becomes a thin error bar at each candidate (a nan interval: no bar), the baseline's too, and
+    fp32 + delta_ci a thick one; candidates.csv has each interval's ends as columns."""
+    import csv
+
+    candidates = [{**_cand(5, 79.0, True), "metric_ci": [77.5, 80.0], "delta_ci": [-2.5, -0.5]},
+                  {**_cand(8, 80.0, True), "metric_ci": [79.0, 81.5], "delta_ci": [-1.0, 0.0]},
+                  {**_cand(6, 79.5, True), "metric_ci": [float("nan")] * 2, "delta_ci": [float("nan")] * 2}]
+    baseline = {"metric": 80.5, "memory_bytes": FP32, "metric_ci": [79.5, 81.5], "delta_ci": [0.0, 0.0]}
+    report.plot_pareto(tmp_path / "p.png", candidates, baseline=baseline, const_a=2.0, const_m_bytes=BUDGET,
+                       selection=None, metric_name="accuracy (%)", higher_is_better=True, interval_level=0.9)
+    ax = figures[0].axes[0]
+    bars = sorted(tuple(np.round(segment[:, 1], 6)) for collection in ax.collections
+                  if type(collection).__name__ == "LineCollection" for segment in collection.get_segments())
+    metric_bars = [(77.5, 80.0), (79.0, 81.5), (79.5, 79.5), (79.5, 81.5)]  # nan: a zero-length bar
+    delta_bars = [(78.0, 80.0), (79.5, 80.5), (79.5, 79.5)]  # fp32 80.5 + delta_ci
+    assert bars == sorted(metric_bars + delta_bars)
+    assert "90% bootstrap interval (metric_ci)" in _legend(ax)
+    assert any(text.startswith("fp32 + paired change interval (delta_ci)") for text in _legend(ax))
+    report.write_candidates_csv(tmp_path / "c.csv", [*candidates, _cand(3, 50.0, False)])
+    with (tmp_path / "c.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [rows[0][k] for k in ("metric_ci_low", "metric_ci_high", "delta_ci_low", "delta_ci_high")] == \
+        ["77.5", "80.0", "-2.5", "-0.5"]
+    assert rows[3]["metric_ci_low"] == "" and rows[3]["delta_ci_high"] == ""  # a row without intervals

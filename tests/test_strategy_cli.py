@@ -35,6 +35,14 @@ def test_knapsack_strategy_end_to_end(tmp_path, data_dir):
     assert cost["useful_fraction"] == 1.0 and cost["discarded"] == 0  # every computed metric is used
     _, again = _run(tmp_path, *args)
     assert again["evaluations"] == 0 and again["cost"]["slots"] == 0  # resumed from the journal
+    assert [c["delta_ci"] for c in again["candidates"]] == [c["delta_ci"] for c in report["candidates"]]
+    assert report["intervals"]["unit"].startswith("window of")
+    # --confidence: a candidate passes only if its whole perplexity-increase interval is within const_a
+    _, strict = _run(tmp_path, *args, "--confidence", "0.95")
+    base = strict["baseline"]["metric"]
+    assert strict["config"]["confidence"] == 0.95
+    for cand in strict["candidates"]:
+        assert cand["ok"] == (cand["metric"] - base <= 50 and cand["delta_ci"][1] <= 50)
 
 
 @pytest.mark.slow

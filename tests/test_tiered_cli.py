@@ -49,6 +49,19 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
     assert report["search"]["global_level"] == 2
     rows = report["candidates"]
     assert all({"plan", "memory_bytes", "memory_fraction", "metric", "feasible", "score"} <= set(r) for r in rows)
+    # uncertainty: every candidate's bootstrap interval and paired change vs fp32 (the baseline: exactly 0)
+    assert report["intervals"]["level"] == 0.95 and report["intervals"]["unit"].startswith("sentence")
+    assert rows[0]["phase"] == "baseline" and rows[0]["delta_ci"] == [0.0, 0.0]
+    assert all(r["metric_ci"][0] <= r["metric_ci"][1] and r["delta_ci"][0] <= r["delta_ci"][1] for r in rows)
+    assert report["baseline"]["metric_ci"] == rows[0]["metric_ci"] and "delta_ci" in sel
+    assert held["intervals"]["baseline"]["delta_ci"] == [0.0, 0.0] and "metric_ci" in held["intervals"]["selection"]
+    assert "95% paired bootstrap" in (tmp_path / "summary.md").read_text()
+    import csv
+
+    with (tmp_path / "candidates.csv").open() as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [[float(r["delta_ci_low"]), float(r["delta_ci_high"])] for r in csv_rows] == [r["delta_ci"] for r in rows]
+    assert [float(r["metric_ci_high"]) for r in csv_rows] == [r["metric_ci"][1] for r in rows]
     assert report["power"]["measured"] is False and "not measured" in report["power"]["note"]
     assert report["energy_estimate"]["selection"]["joules_per_token"] < \
         report["energy_estimate"]["baseline"]["joules_per_token"]
@@ -57,6 +70,8 @@ def test_sst2_search_writes_every_output_and_compiles_once(tmp_path, data_dir):
     assert len(table) == 3 and table[2].count("|") == table[0].count("|")
     assert f"{sel['memory_bytes'] / 1e6:.2f} MB" in table[2] and "(first 48 examples)" in table[2]
     assert f"+ {report['evaluations']} new (" in table[2]
+    low, high = held["intervals"]["selection"]["delta_ci"]
+    assert f"(change [{low:+.2f}, {high:+.2f}])" in table[2]
     strategies = tables.main(["strategies", str(tmp_path)]).splitlines()
     assert len(strategies) == 3 and "| tiered | asymmetric per-tensor |" in strategies[2]
     assert f"| {report['cost']['evaluations']} | {report['cost']['slots']} (" in strategies[2]
@@ -71,7 +86,17 @@ def test_rerun_resumes_from_the_journal_and_keeps_each_invocations_cost(tmp_path
     assert second["baseline"] == first["baseline"]
     assert [c["metric"] for c in second["candidates"]] == [c["metric"] for c in first["candidates"]]
     assert [run["evaluations"] for run in second["invocations"]] == [first["evaluations"], 0]
-    assert second["report_split"] == first["report_split"]
+    assert second["report_split"] == first["report_split"]  # the held-out intervals included
+    # intervals recomputed from the journaled per-example statistics: identical
+    assert [(c["metric_ci"], c["delta_ci"]) for c in second["candidates"]] == \
+        [(c["metric_ci"], c["delta_ci"]) for c in first["candidates"]]
+    # --confidence judges by the interval; the journal serves it (the level is not in its fingerprint)
+    _, strict = _run(tmp_path, *args, "--confidence", "0.9")
+    assert strict["config"]["confidence"] == 0.9 and strict["intervals"]["level"] == 0.9
+    assert strict["journal"]["path"] == first["journal"]["path"]
+    base = strict["baseline"]["metric"]
+    for cand in (c for c in strict["candidates"] if not c["after_stop"]):
+        assert cand["ok"] == (base - cand["metric"] <= 3 and -cand["delta_ci"][0] <= 3)
 
 
 def test_infeasible_constraints_exit_3_with_closest_candidates_and_no_stale_export(tmp_path, data_dir, capsys):
@@ -80,7 +105,7 @@ def test_infeasible_constraints_exit_3_with_closest_candidates_and_no_stale_expo
     assert code == 0 and (tmp_path / "selection.safetensors").is_file()
     code, report = _run(tmp_path, "--task", "wikitext2", "--eval-limit", "300", "--const-a", "0",
                         "--const-m", "0.001")
-    assert code == 3
+    assert code == 3 and report["intervals"]["unit"].startswith("window of")
     assert report["selection"] is None
     assert report["no_feasible"]["closest"]
     assert "no candidate meets both constraints" in (tmp_path / "summary.md").read_text()
@@ -134,7 +159,8 @@ def test_bad_flags_are_refused_up_front(tmp_path, capsys, flags, message):
 
 
 @pytest.mark.parametrize("flags", [["--const-a", "nan"], ["--const-m", "nan"], ["--alpha", "inf"],
-                                   ["--levels", "32,x"], ["--no-such-flag"]])
+                                   ["--levels", "32,x"], ["--no-such-flag"], ["--confidence", "1.5"],
+                                   ["--confidence", "x"], ["--confidence", "0"]])
 def test_malformed_flags_are_usage_errors_with_status_2(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as exit_info:
         tiered.main(["--out", str(tmp_path), *flags])

@@ -18,8 +18,11 @@ before the first block they differ in); it would need the model split at a layer
 every batch kept, and with the scheduled search's small calls it would save little.
 
 With several devices the candidate axis is sharded over a 1-D mesh (``jit`` + ``NamedSharding``); parameters and
-batches are replicated. Statistics are summed over batches in float64 on the host, so e.g. perplexity over a split
-is exactly ``exp(sum NLL / sum tokens)``.
+batches are replicated. The compiled function returns the metric's statistics per example (``(K, n_batches, B)``,
+:meth:`Metric.example_stats`); on the host the padding rows (the metric's ``count`` statistic 0) are dropped and
+the rest summed in float64, so e.g. perplexity over a split is exactly ``exp(sum NLL / sum tokens)``, and the
+per-example statistics (:class:`~qslm_jax.qslm.uncertainty.Evaluation`; a few thousand numbers per plan) serve
+the bootstrap intervals without a second pass.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from qslm_jax.errors import ConfigError, DataError
 from qslm_jax.qslm.metrics import Metric
+from qslm_jax.qslm.uncertainty import Evaluation
 from qslm_jax.quant.apply import clip_ratio_table, quantize_params
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
@@ -56,6 +60,10 @@ def stack_batches(batches: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]
             raise DataError(f"batches must share keys and shapes (fixed-shape evaluation): batch 0 has {first}, "
                             f"batch {i} has {shapes}; pad the last batch (qslm_jax.data batches are padded)")
     return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in sorted(keys)}
+
+
+def _totals(examples: Mapping[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(v.sum()) for k, v in examples.items()}
 
 
 class Evaluator:
@@ -93,14 +101,15 @@ class Evaluator:
         self.compile_seconds = 0.0
 
     def _candidate_stats(self, params: dict, clip: Any, rest: Any, bits: dict, batches: dict) -> dict:
-        """Per-candidate, per-batch statistics ``(K, n_batches)`` of the plans whose stacked bits are ``bits``."""
+        """Per-candidate, per-example statistics ``(K, n_batches, B)`` of the plans whose stacked bits are
+        ``bits``."""
 
         def one(bits_k):
             quantized = quantize_params(params, bits_k, self.hierarchy, clip)
 
             def body(carry, batch):
                 model = nnx.merge(self._graphdef, quantized, rest)
-                return carry, self.metric.batch_stats(model, batch)
+                return carry, self.metric.example_stats(model, batch)
 
             return jax.lax.scan(body, None, batches)[1]
 
@@ -183,10 +192,11 @@ class Evaluator:
         compiled = jax.jit(self._candidate_stats).lower(self._params, self._clip, self._rest, bits, batches).compile()
         return compiled.memory_analysis()
 
-    def stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
-              on_chunk: Callable[[int], object] | None = None) -> list[dict[str, float]]:
-        """The metric's statistics of every plan, summed over all batches (float64); ``on_chunk(n)`` after each
-        compiled chunk, with the number of plans it computed (progress bars)."""
+    def example_stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
+                      on_chunk: Callable[[int], object] | None = None) -> list[dict[str, np.ndarray]]:
+        """The metric's statistics of every plan per example (float64 ``(n,)`` each; padding rows dropped),
+        in the order of the batches' rows; ``on_chunk(n)`` after each compiled chunk, with the number of plans
+        it computed (progress bars)."""
         if not plans:
             return []
         for plan in plans:
@@ -194,26 +204,38 @@ class Evaluator:
         stacked = jax.device_put(stack_batches(batches), self._replicated)
         chunks = self.split(len(plans), stacked)
         padded = list(plans) + [plans[-1]] * (sum(chunks) - len(plans))
-        totals: list[dict[str, float]] = []
+        examples: list[dict[str, np.ndarray]] = []
         start = 0
         for chunk in chunks:
             bits = jax.device_put(self.hierarchy.stacked_bits(padded[start:start + chunk]), self._sharded)
             out = jax.device_get(self._executable(chunk, stacked)(self._params, self._clip, self._rest, bits,
                                                                   stacked))
-            sums = {k: np.asarray(v, np.float64).sum(axis=1) for k, v in out.items()}
-            totals.extend({k: float(v[i]) for k, v in sums.items()} for i in range(chunk))
+            rows = {k: np.asarray(v, np.float64).reshape(chunk, -1) for k, v in out.items()}
+            real = rows[self.metric.count][0] > 0  # data-only: the same rows for every candidate
+            examples.extend({k: v[i, real] for k, v in rows.items()} for i in range(chunk))
             if on_chunk is not None:
                 on_chunk(min(chunk, len(plans) - start))
             start += chunk
             self.calls += 1
             self.slots += chunk
-        return totals[:len(plans)]
+        return examples[:len(plans)]
+
+    def stats(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
+              on_chunk: Callable[[int], object] | None = None) -> list[dict[str, float]]:
+        """The metric's statistics of every plan, summed over all examples (float64)."""
+        return [_totals(e) for e in self.example_stats(plans, batches, on_chunk=on_chunk)]
+
+    def evaluations(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
+                    on_chunk: Callable[[int], object] | None = None) -> list[Evaluation]:
+        """The metric of every plan with its per-example statistics, in the order of ``plans``."""
+        return [Evaluation(self.metric.finalize(_totals(e)), e)
+                for e in self.example_stats(plans, batches, on_chunk=on_chunk)]
 
     def __call__(self, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]], *,
                  on_chunk: Callable[[int], object] | None = None) -> list[float]:
         """The metric of every plan over all batches, in the order of ``plans`` (``on_chunk``: as
-        :meth:`stats`)."""
-        return [self.metric.finalize(t) for t in self.stats(plans, batches, on_chunk=on_chunk)]
+        :meth:`example_stats`)."""
+        return [e.metric for e in self.evaluations(plans, batches, on_chunk=on_chunk)]
 
 
 def evaluate_candidates(model: nnx.Module, plans: Sequence[QuantPlan], batches: Iterable[Mapping[str, Any]],

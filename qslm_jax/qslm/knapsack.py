@@ -43,8 +43,10 @@ from qslm_jax.qslm.search import (
     SearchResult,
     check_baseline,
     check_constraints,
+    interval_rule,
     search_levels,
 )
+from qslm_jax.qslm.uncertainty import Bootstrap
 from qslm_jax.quant.memory import MB
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import FP32, Level
@@ -150,10 +152,14 @@ def knapsack_search(
     batch_size: int = 8,
     fractions: Sequence[float] = FRACTIONS,
     on_evaluated: Callable[[Sequence[Candidate]], None] | None = None,
+    confidence: Bootstrap | None = None,
 ) -> SearchResult:
     """The knapsack strategy of the module docstring; ``const_m`` in MB. ``batch_size``: plans per call of
     the knapsack and repair rounds (the evaluator's largest compiled size); ``fractions``: the budgets of the
-    first call as fractions of ``const_a`` (at most ``batch_size`` of them are used)."""
+    first call as fractions of ``const_a`` (at most ``batch_size`` of them are used). ``confidence``: a
+    candidate is ``ok`` only if its whole paired ``delta_ci`` is within ``const_a`` too
+    (:func:`~qslm_jax.qslm.search.tiered_search`; the knapsack's costs stay the measured point
+    degradations)."""
     check_constraints(const_a, const_m)
     if batch_size < 1:
         raise ConfigError(f"expected batch_size >= 1 (plans per call), found {batch_size}")
@@ -164,7 +170,8 @@ def knapsack_search(
 
     tic = time.perf_counter()
     baseline_metric = check_baseline(evaluator([QuantPlan()])[0])
-    judge = Judge(hierarchy, baseline_metric, const_a, const_m, higher_is_better)
+    interval = interval_rule(confidence, evaluator, higher_is_better) if confidence is not None else None
+    judge = Judge(hierarchy, baseline_metric, const_a, const_m, higher_is_better, interval)
     baseline = judge.candidate(QuantPlan(), "baseline", MODEL_UNIT, FP32, baseline_metric)
     seconds["baseline"] = time.perf_counter() - tic
 

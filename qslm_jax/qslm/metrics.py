@@ -1,7 +1,9 @@
 """Task metrics as additive per-batch statistics (qslm.md section 4).
 
-A metric returns *sums* per batch (``batch_stats``) and turns the totals over a whole split into the number
-(``finalize``), so the result over many batches, chunks or devices is exact:
+A metric returns additive statistics per example (``example_stats``: one row of a batch, a sentence or a
+window), their *sums* per batch (``batch_stats``) and turns the totals over a whole split into the number
+(``finalize``), so the result over many batches, chunks or devices is exact, and resampling examples
+(:mod:`qslm_jax.qslm.uncertainty`) needs no second pass:
 
 * :class:`Accuracy` - ``100 * correct / examples`` from ``model.classify(input_ids, attention_mask)``;
 * :class:`Perplexity` - ``exp(total_nll / total_tokens)`` (the QSLM paper's Eq. 2) from ``model(input_ids)``,
@@ -21,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qslm_jax.errors import DataError
 
@@ -35,22 +38,37 @@ def token_ids(batch: Mapping[str, jax.Array]) -> jax.Array:
 
 
 class Metric(Protocol):
-    """What the evaluator needs from a metric."""
+    """What the evaluator needs from a metric. ``count`` names the statistic that counts what the metric
+    averages over (examples, scored tokens); it depends on the data only, and a row where it is 0 is padding."""
 
     name: str
     higher_is_better: bool
+    count: str
+
+    def example_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Additive statistics of every row of one batch (arrays of shape (B,))."""
+        ...
 
     def batch_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Additive statistics of one batch (scalars)."""
+        """Additive statistics of one batch (scalars): the sums of :meth:`example_stats`."""
         ...
 
     def finalize(self, totals: Mapping[str, float]) -> float:
-        """The metric from statistics summed over every batch."""
+        """The metric from statistics summed over every batch; elementwise when the totals are equally
+        shaped arrays (one per bootstrap resample, :mod:`qslm_jax.qslm.uncertainty`)."""
         ...
 
 
+class _Additive:
+    """``batch_stats`` as the sums over the rows of ``example_stats``."""
+
+    def batch_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """``sum_b s_b`` of every statistic ``s`` of :meth:`example_stats`."""
+        return {k: jnp.sum(v) for k, v in self.example_stats(model, batch).items()}
+
+
 @dataclass(frozen=True)
-class Accuracy:
+class Accuracy(_Additive):
     """Classification accuracy in percent.
 
     Batch keys: ``idx`` (B, T) int, ``attention_mask`` (B, T), ``labels`` (B,) int and optionally ``valid``
@@ -59,23 +77,24 @@ class Accuracy:
 
     name: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
+    count: ClassVar[str] = "examples"
 
-    def batch_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """``correct = sum_b w_b [argmax logits_b == label_b]`` and ``examples = sum_b w_b``."""
+    def example_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per sentence ``b``: ``correct_b = w_b [argmax logits_b == label_b]`` and ``examples_b = w_b``."""
         logits = model.classify(token_ids(batch), batch["attention_mask"])
         weight = batch.get("valid", jnp.ones(logits.shape[0], jnp.float32)).astype(jnp.float32)
         hit = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
-        return {"correct": jnp.sum(hit * weight), "examples": jnp.sum(weight)}
+        return {"correct": hit * weight, "examples": weight}
 
     def finalize(self, totals: Mapping[str, float]) -> float:
-        """``100 * correct / examples``."""
-        if totals["examples"] <= 0:
+        """``100 * correct / examples`` (elementwise over arrays of totals)."""
+        if np.any(np.asarray(totals["examples"]) <= 0):
             raise DataError("accuracy over zero examples: the batches hold no example with valid = 1")
         return 100.0 * totals["correct"] / totals["examples"]
 
 
 @dataclass(frozen=True)
-class Perplexity:
+class Perplexity(_Additive):
     """Language-model perplexity ``exp(sum NLL / scored tokens)``.
 
     Batch keys: ``idx`` (B, T), ``targets`` (B, T) (the next token of each position) and ``score_mask``
@@ -84,22 +103,27 @@ class Perplexity:
 
     name: ClassVar[str] = "perplexity"
     higher_is_better: ClassVar[bool] = False
+    count: ClassVar[str] = "tokens"
 
-    def batch_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """``nll = -sum_{b,t} m_bt log p(targets_bt | idx_b,<=t)`` and ``tokens = sum m_bt``."""
+    def example_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per window ``b``: ``nll_b = -sum_t m_bt log p(targets_bt | idx_b,<=t)`` and ``tokens_b = sum_t m_bt``."""
         logp = jax.nn.log_softmax(model(token_ids(batch)).astype(jnp.float32), axis=-1)
         target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         mask = batch["score_mask"].astype(jnp.float32)
-        return {"nll": -jnp.sum(target_logp * mask), "tokens": jnp.sum(mask)}
+        return {"nll": -jnp.sum(target_logp * mask, axis=-1), "tokens": jnp.sum(mask, axis=-1)}
 
     def finalize(self, totals: Mapping[str, float]) -> float:
-        """:func:`perplexity` of the totals."""
+        """:func:`perplexity` of the totals (elementwise over arrays of totals)."""
         return perplexity(totals["nll"], totals["tokens"])
 
 
 def perplexity(total_nll: float, total_tokens: float) -> float:
-    """``exp(total_nll / total_tokens)`` (QSLM paper Eq. 2 over a whole split)."""
-    if total_tokens <= 0:
+    """``exp(total_nll / total_tokens)`` (QSLM paper Eq. 2 over a whole split). Scalars: ``math.exp``; arrays
+    (bootstrap resamples): elementwise ``numpy.exp``, inf where it overflows."""
+    if np.any(np.asarray(total_tokens) <= 0):
         raise DataError("perplexity over zero scored tokens: every score_mask entry is 0")
-    return math.exp(total_nll / total_tokens)
+    if np.ndim(total_nll) == np.ndim(total_tokens) == 0:
+        return math.exp(total_nll / total_tokens)
+    with np.errstate(over="ignore"):
+        return np.exp(np.asarray(total_nll) / total_tokens)
 

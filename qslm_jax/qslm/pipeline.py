@@ -8,7 +8,9 @@
 3. the search under ``const_a`` / ``const_m``: :func:`~qslm_jax.qslm.search.tiered_search` (with the paper's
    stop rule or ``--no-stop``) or :func:`~qslm_jax.qslm.knapsack.knapsack_search` (``settings.strategy``), in
    calls of the evaluator's compiled sizes; ``report.json`` records their ``cost`` (:func:`cost_record`);
-4. the trade-off selection at ``alpha`` and the alpha ablation;
+4. the trade-off selection at ``alpha`` and the alpha ablation; every candidate's ``metric_ci`` and paired
+   ``delta_ci`` vs fp32 (:mod:`qslm_jax.qslm.uncertainty`, from the journaled per-example statistics;
+   ``settings.confidence`` also makes them the pass rule);
 5. the output directory: ``report.json``, ``candidates.csv``, ``sensitivity.csv``, ``pareto.png``,
    ``sensitivity.png``, ``summary.md`` and the selection exported as packed integer codes.
 
@@ -61,6 +63,7 @@ from qslm_jax.qslm.search import (
 )
 from qslm_jax.qslm.selection import ALPHAS, NoFeasibleCandidate, alpha_ablation, scored_candidates, select
 from qslm_jax.qslm.tasks import Task, load_task_data
+from qslm_jax.qslm.uncertainty import LEVEL, Bootstrap, Evaluation, describe, intervals
 from qslm_jax.quant.hierarchy import DEFAULT_SCHEME, Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import QuantScheme
@@ -104,6 +107,7 @@ class QSLMSettings:
     scheme: QuantScheme = DEFAULT_SCHEME  # quantizer (--scheme, --group-size); in the journal fingerprint
     strategy: str = "tiered"  # "tiered" (qslm.md section 3) or "knapsack" (qslm_jax.qslm.knapsack)
     stop: bool = True  # tiered: the paper's stop at a unit's first failing level (False: --no-stop)
+    confidence: float | None = None  # --confidence: pass only if the whole delta_ci is within const_a
 
     def __post_init__(self):
         def finite(x) -> bool:
@@ -126,6 +130,8 @@ class QSLMSettings:
             ("selection_split", self.selection_split, f"one of {SELECTION_SPLITS}",
              self.selection_split in SELECTION_SPLITS),
             ("levels", self.levels, "at least one level", len(self.levels) >= 1),
+            ("confidence", self.confidence, "None or a number in (0, 1)",
+             self.confidence is None or (finite(self.confidence) and 0 < self.confidence < 1)),
         ]
         problems = [f"{name}={value!r} (expected {rule})" for name, value, rule, ok in checks if not ok]
         if problems:
@@ -135,6 +141,10 @@ class QSLMSettings:
     def search_split(self) -> str:
         """The task split the search chooses on (:data:`qslm_jax.qslm.tasks.EVAL_SPLITS`)."""
         return "selection" if self.selection_split == "held-out" else "all"
+
+    def bootstrap(self, evaluator: Evaluator) -> Bootstrap:
+        """The intervals of the reports (at ``confidence``, else 95%) for ``evaluator``'s metric."""
+        return Bootstrap(evaluator.metric.finalize, level=self.confidence or LEVEL)
 
 
 def data_fingerprint(batches: Sequence[dict]) -> str:
@@ -205,12 +215,13 @@ class MeteredEvaluate:
         self.calls: list[dict[str, Any]] = []
         self.per_plan: dict[str, dict[str, float]] = {}
 
-    def __call__(self, plans: list[QuantPlan], *, on_chunk=None) -> list[float]:
-        """The metrics of ``plans`` (``on_chunk``: :meth:`Evaluator.stats`'s progress callback)."""
+    def __call__(self, plans: list[QuantPlan], *, on_chunk=None) -> list[Evaluation]:
+        """The metrics of ``plans`` with their per-example statistics (``on_chunk``:
+        :meth:`Evaluator.example_stats`'s progress callback)."""
         self.evaluator.prepare(len(plans), self.batches)
         slots = self.evaluator.slots
         with PowerMeter() as meter:
-            metrics = self.evaluator(plans, self.batches, on_chunk=on_chunk)
+            metrics = self.evaluator.evaluations(plans, self.batches, on_chunk=on_chunk)
         slots = self.evaluator.slots - slots
         reading = meter.reading.to_dict()
         per = reading["energy_j"] / slots if reading["measured"] else None
@@ -348,7 +359,8 @@ def run_qslm(model: SpikeGPT, task: Task, settings: QSLMSettings, out: Path, *, 
     exit_code = 0
     try:
         selection = select(result, settings.alpha)
-        report["selection"] = {**selection.to_dict(), "memory_saving_percent":
+        ci = interval_fields(journal, settings.bootstrap(evaluator))
+        report["selection"] = {**selection.to_dict(), **ci(selection.candidate.plan), "memory_saving_percent":
                                100.0 * (1.0 - selection.candidate.memory_fraction)}
         report["energy_estimate"]["selection"] = spikegpt_energy(model, selection.candidate.plan, hierarchy,
                                                                  classify=classify, tokens_per_sample=tokens)
@@ -387,19 +399,19 @@ def score_on_report_split(ctx: EvaluationContext, settings: QSLMSettings, out: P
                           journal_path: Path | None) -> dict[str, Any]:
     """The metric of each named plan on the report split, which the search never saw (journaled beside the
     search journal); with ``selection_split="same"`` the search split's metrics themselves (the paper's
-    protocol)."""
+    protocol), each with its ``metric_ci`` and ``delta_ci`` vs ``plans["baseline"]`` (the fp32 plan) there."""
     if settings.selection_split == "same":
-        metrics = CachedEvaluator(ctx.evaluate, ctx.hierarchy, ctx.journal)(list(plans.values()))
-        protocol, items = ctx.data.protocol, ctx.data.eval_items
+        scored = ctx
     else:
-        report_ctx = prepare_evaluation(ctx.model, ctx.task, settings, out, model_description=model_description,
-                                        data_dir=data_dir, split="report", evaluator=ctx.evaluator,
-                                        journal_path=journal_path and report_split_journal_path(journal_path))
-        metrics = CachedEvaluator(report_ctx.evaluate, report_ctx.hierarchy, report_ctx.journal)(list(plans.values()))
-        protocol, items = report_ctx.data.protocol, report_ctx.data.eval_items
+        scored = prepare_evaluation(ctx.model, ctx.task, settings, out, model_description=model_description,
+                                    data_dir=data_dir, split="report", evaluator=ctx.evaluator,
+                                    journal_path=journal_path and report_split_journal_path(journal_path))
+    metrics = CachedEvaluator(scored.evaluate, scored.hierarchy, scored.journal)(list(plans.values()))
+    ci = interval_fields(scored.journal, settings.bootstrap(ctx.evaluator))
     return {"split": "report" if settings.selection_split == "held-out" else "same as the search",
-            "protocol": protocol, "eval_items": items,
-            "metrics": dict(zip(plans, metrics, strict=True))}
+            "protocol": scored.data.protocol, "eval_items": scored.data.eval_items,
+            "metrics": dict(zip(plans, metrics, strict=True)),
+            "intervals": {name: ci(plan) for name, plan in plans.items()}}
 
 
 def _invocation(report: dict, started_at: str) -> dict[str, Any]:
@@ -442,8 +454,10 @@ def run_strategy(ctx: EvaluationContext, settings: QSLMSettings, table: dict, or
     knapsack strategy (:mod:`qslm_jax.qslm.knapsack`; ``progress``: a bar of the plans of each of its calls,
     the first of which measures every unit at every level)."""
     sizes = ctx.evaluator.chunk_sizes(settings.chunk_size or max(BATCH_SIZES), stack_batches(ctx.data.eval_batches))
+    confidence = settings.bootstrap(ctx.evaluator) if settings.confidence is not None else None
     common = dict(levels=settings.levels, const_a=settings.const_a, const_m=settings.const_m_mb,
-                  higher_is_better=ctx.task.higher_is_better, journal=ctx.journal, on_evaluated=on_evaluated)
+                  higher_is_better=ctx.task.higher_is_better, journal=ctx.journal, on_evaluated=on_evaluated,
+                  confidence=confidence)
     if settings.strategy == "knapsack":
         return knapsack_search(ctx.hierarchy, with_progress(ctx.evaluate, "knapsack", enabled=progress),
                                batch_size=sizes[0], **common)
@@ -467,10 +481,26 @@ def cost_record(evaluator: Evaluator, sensitivity_computed: int, result: SearchR
                         **result.seconds}}
 
 
+def interval_fields(journal: Journal, bootstrap: Bootstrap):
+    """``plan -> {"metric_ci", "delta_ci"}`` of a plan journaled in ``journal`` (paired with its fp32 plan)."""
+    baseline = journal.examples(QuantPlan().key())
+    return lambda plan: intervals(bootstrap, journal.examples(plan.key()), baseline)
+
+
+def resampling_unit(task: Task, ctx_len: int) -> str:
+    """What one bootstrap example is (:mod:`qslm_jax.qslm.uncertainty`): a sentence (pair), or a window."""
+    if task.n_classes:
+        return "sentence (one evaluation example)"
+    return (f"window of {ctx_len} tokens (the evaluation's unit; documents are few and uneven; adjacent windows "
+            f"are correlated, so the intervals are slightly narrow)")
+
+
 def _base_report(model, task, settings, model_description, data, hierarchy, result: SearchResult, evaluator,
                  evaluate: MeteredEvaluate, journal, table, order, sensitivity_seconds) -> dict[str, Any]:
     baseline = result.baseline
     power_measured = any(call["measured"] for call in evaluate.calls)
+    bootstrap = settings.bootstrap(evaluator)
+    ci = interval_fields(journal, bootstrap)
     return {
         "config": {"task": task.name, "metric": task.metric_name, "higher_is_better": task.higher_is_better,
                    **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()},
@@ -478,9 +508,12 @@ def _base_report(model, task, settings, model_description, data, hierarchy, resu
                    "protocol": data.protocol, "eval_items": data.eval_items},
         "versions": {"python": platform.python_version(), "jax": jax.__version__,
                      "flax": flax.__version__, "devices": [str(d) for d in evaluator.devices]},
-        "baseline": {"metric": baseline.metric, "memory_bytes": baseline.memory_bytes},
+        "baseline": {"metric": baseline.metric, "memory_bytes": baseline.memory_bytes, **ci(baseline.plan)},
         "fp32_bytes": hierarchy.fp32_bytes,
-        "candidates": scored_candidates(result, settings.alpha),
+        "intervals": describe(bootstrap, resampling_unit(task, model.config.ctx_len)),
+        "candidates": [{**row, **ci(c.plan)} for c, row in zip(result.candidates,
+                                                               scored_candidates(result, settings.alpha),
+                                                               strict=True)],
         "search": {k: v for k, v in result.to_dict().items() if k not in ("candidates", "baseline")},
         "sensitivity": {"table": {b: {str(q): m for q, m in row.items()} for b, row in table.items()},
                         "order": list(order)},
@@ -512,7 +545,8 @@ def _write_outputs(out: Path, report: dict, table, task: Task, settings: QSLMSet
     write_sensitivity(out, table, report["baseline"]["metric"], task, title=title)
     plot_pareto(out / "pareto.png", report["candidates"], baseline=report["baseline"], const_a=settings.const_a,
                 const_m_bytes=settings.const_m_mb * MB, selection=report["selection"],
-                metric_name=task.metric_name, higher_is_better=task.higher_is_better, title=title)
+                metric_name=task.metric_name, higher_is_better=task.higher_is_better, title=title,
+                interval_level=report["intervals"]["level"])
     (out / "summary.md").write_text(summary_markdown(report))
 
 
@@ -538,14 +572,17 @@ def summary_markdown(report: dict) -> str:
              ""]
     sel = report.get("selection")
     if sel:
-        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f} (search split)",
+        low, high = sel["delta_ci"]
+        lines += ["## Selection", "", f"- {cfg['metric']}: {sel['metric']:.4f} (search split; change vs fp32 "
+                  f"[{low:+.4g}, {high:+.4g}], {100 * report['intervals']['level']:g}% paired bootstrap)",
                   f"- memory: {sel['memory_bytes'] / MB:.4f} MB ({sel['memory_saving_percent']:.1f}% saved vs fp32)",
                   f"- plan: `{sel['plan']}`"]
         held = report.get("report_split")
         if held:
             m = held["metrics"]
+            low, high = held["intervals"]["selection"]["delta_ci"]
             lines += [f"- on the report split ({held['split']}: {held['protocol']}): fp32 {m['baseline']:.4f}, "
-                      f"selection {m['selection']:.4f}"]
+                      f"selection {m['selection']:.4f} (change [{low:+.4g}, {high:+.4g}])"]
         lines += ["", "## Alpha ablation", "",
                   "| alpha | metric | memory (MB) | saving | score |", "|---|---|---|---|---|"]
         for alpha, row in report["alpha_ablation"].items():

@@ -82,12 +82,12 @@ class SearchProgress:
         self.phase = self.unit = self.phase_bar = self.unit_bar = None
 
 
-def with_progress(evaluate: Callable[..., list[float]], desc: str, *, enabled: bool = True
-                  ) -> Callable[[list], list[float]]:
+def with_progress(evaluate: Callable[..., list], desc: str, *, enabled: bool = True
+                  ) -> Callable[[list], list]:
     """``evaluate(plans, on_chunk=...)`` as a plain ``evaluate(plans)`` showing a bar of the call's plans
     (total: the plans of the call), advanced as each compiled chunk finishes; for the long batched calls (the
     sensitivity analysis: every block at every level in one call)."""
-    def call(plans: list) -> list[float]:
+    def call(plans: list) -> list:
         with tqdm(total=len(plans), desc=desc, unit="plan", leave=False, disable=not enabled) as bar:
             return evaluate(plans, on_chunk=bar.update)
 

@@ -8,7 +8,8 @@
   evaluation metric of the trained model.
 
 Candidates are plain dicts with the keys ``plan``, ``memory_bytes``, ``memory_fraction``, ``metric``,
-``feasible`` and ``score`` (as the search and selection produce them).
+``feasible`` and ``score`` (as the search and selection produce them) and optionally ``metric_ci`` and
+``delta_ci`` (``[low, high]`` bootstrap intervals, :mod:`qslm_jax.qslm.uncertainty`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from qslm_jax.qslm.search import degradation
 from qslm_jax.qslm.selection import pareto_front
 
 MB = 1e6
-CSV_FIELDS = ("phase", "unit", "level", "metric", "memory_bytes", "memory_mb", "memory_fraction", "ok", "feasible",
-              "after_stop", "score", "plan")
+INTERVALS = ("metric_ci", "delta_ci")
+CSV_FIELDS = ("phase", "unit", "level", "metric", "metric_ci_low", "metric_ci_high", "delta_ci_low", "delta_ci_high",
+              "memory_bytes", "memory_mb", "memory_fraction", "ok", "feasible", "after_stop", "score", "plan")
 
 
 def write_json(path: str | Path, payload: Any) -> None:
@@ -49,12 +51,16 @@ def _json_default(value: Any) -> Any:
 
 
 def write_candidates_csv(path: str | Path, candidates: Sequence[Mapping[str, Any]]) -> None:
-    """One row per evaluated candidate; the plan as canonical JSON in the last column."""
+    """One row per evaluated candidate (each interval as its ``_low`` and ``_high`` columns, empty without
+    one); the plan as canonical JSON in the last column."""
     with Path(path).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for cand in candidates:
             row = {key: cand.get(key, "") for key in CSV_FIELDS}
+            for name in INTERVALS:
+                if name in cand:
+                    row[f"{name}_low"], row[f"{name}_high"] = cand[name]
             row["memory_mb"] = f"{cand['memory_bytes'] / MB:.4f}"
             row["plan"] = json.dumps(cand["plan"], sort_keys=True)
             writer.writerow(row)
@@ -77,6 +83,15 @@ def search_title(config: Mapping[str, Any]) -> str:
 def _number(value: float) -> str:
     """A metric for a label: 4 significant digits, large values in full with thousands separators."""
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def _error_bars(candidates: Sequence[Mapping[str, Any]], key: str, shift: float = 0.0) -> np.ndarray:
+    """``(2, n)`` distances from each metric down and up to its interval ``shift + c[key]`` (``metric_ci``; or
+    ``delta_ci`` shifted by the fp32 metric); 0 where the interval does not contain the point or is not
+    finite, so matplotlib never gets a negative length."""
+    low = np.array([c["metric"] - shift - c[key][0] for c in candidates], dtype=float)
+    high = np.array([shift + c[key][1] - c["metric"] for c in candidates], dtype=float)
+    return np.nan_to_num(np.clip(np.stack([low, high]), 0.0, None))
 
 
 class _Point(NamedTuple):
@@ -113,15 +128,18 @@ def plot_pareto(
     metric_name: str,
     higher_is_better: bool,
     title: str | None = None,
+    interval_level: float = 0.95,
 ) -> None:
     """Memory (MB, log axis; % of fp32 on top) vs metric of every candidate (QSLM paper, Fig. 9).
 
     Drawn: the feasible region (memory <= ``const_m_bytes`` and metric within ``const_a`` of the baseline,
     shaded, with both bounds as dashed lines), the candidates by status, the Pareto front of the selectable
     ones (feasible and reached by the search; :func:`~qslm_jax.qslm.selection.pareto_front`) as a staircase,
-    the fp32 baseline and the selection. The y-axis covers the baseline, the bound and the candidates near
+    the fp32 baseline and the selection; a candidate's ``metric_ci`` is a thin error bar, its ``delta_ci``
+    added to the fp32 metric a thick one (the interval the ``--confidence`` rule holds against the bound). The
+    y-axis covers the baseline, the bound and the candidates near
     them; candidates worse than that are drawn as triangles on the edge and counted in the legend.
-    ``title``: what was searched (:func:`search_title`).
+    ``title``: what was searched (:func:`search_title`); ``interval_level``: the intervals' level (legend).
     """
     base_mb, base_metric = baseline["memory_bytes"] / MB, float(baseline["metric"])
     sign = 1.0 if higher_is_better else -1.0  # metric = base - sign * degradation
@@ -154,6 +172,12 @@ def plot_pareto(
         if inside:
             ax.scatter([c["memory_bytes"] / MB for c in inside], [c["metric"] for c in inside], s=22, c=colour,
                        alpha=0.8, label=label, zorder=3)
+            for key, shift, width in (("metric_ci", 0.0, 0.9), ("delta_ci", base_metric, 3.0)):
+                with_ci = [c for c in inside if key in c]
+                if with_ci:
+                    ax.errorbar([c["memory_bytes"] / MB for c in with_ci], [c["metric"] for c in with_ci],
+                                yerr=_error_bars(with_ci, key, shift), fmt="none", ecolor=colour, alpha=0.45,
+                                lw=width, capsize=2 if key == "metric_ci" else 0, zorder=2)
         if outside:
             ax.scatter([c["memory_bytes"] / MB for c in outside], [y_worst] * len(outside), s=30, c=colour,
                        marker="v" if higher_is_better else "^", alpha=0.8, clip_on=False, zorder=3,
@@ -174,6 +198,12 @@ def plot_pareto(
                 label=f"Pareto front of the feasible ({len(front)})")
         ax.scatter(xs[:-1], ys[:-1], s=46, facecolors="none", edgecolors="tab:purple", lw=1.4, zorder=4)
     ax.scatter([base_mb], [base_metric], marker="s", s=50, c="k", zorder=5, label="fp32 baseline")
+    if "metric_ci" in baseline:
+        ax.errorbar([base_mb], [base_metric], yerr=_error_bars([baseline], "metric_ci"), fmt="none", ecolor="k",
+                    lw=0.9, capsize=3, zorder=5, label=f"{100 * interval_level:g}% bootstrap interval (metric_ci)")
+    if any("delta_ci" in c for c in candidates):
+        ax.errorbar([], [], yerr=[], fmt="none", ecolor="tab:blue", alpha=0.45, lw=3.0,
+                    label="fp32 + paired change interval (delta_ci):\nwithin the bound = passes --confidence")
     ax.annotate(f"fp32: {_number(base_metric)}", (base_mb, base_metric), xytext=(-8, 8 if higher_is_better else -14),
                 textcoords="offset points", ha="right", fontsize=8)
     if selection is not None:

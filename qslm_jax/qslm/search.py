@@ -4,7 +4,12 @@
 ``evaluate(plans) -> metrics`` is any callable (in practice the vmap-batched model evaluator); memory comes
 from ``hierarchy.memory_bytes(plan)``. ``ok(c)``: accuracy drop ``A_0 - A_c <= const_a``
 (``higher_is_better``) or perplexity increase ``P_c - P_0 <= const_a``; ``feasible(c)``: ``ok(c)`` and
-``memory(c) <= const_m`` (MB = 10^6 B).
+``memory(c) <= const_m`` (MB = 10^6 B). With ``confidence`` (``--confidence``, a
+:class:`~qslm_jax.qslm.uncertainty.Bootstrap` at that level) ``ok(c)`` also needs the whole paired bootstrap
+interval of the change vs the baseline (``delta_ci``) within ``const_a``: the worse end of the interval, not
+only the point, meets the constraint (a two-sided interval at level ``l`` is a one-sided test at
+``(1 + l) / 2``). This rule never passes a candidate the point rule fails. It needs the per-example statistics
+(``evaluate`` returning :class:`~qslm_jax.qslm.uncertainty.Evaluation`, or the journal's).
 
 Phases (levels Q descending, 32 = fp32 excluded after the baseline):
 
@@ -46,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.journal import Journal
+from qslm_jax.qslm.uncertainty import Bootstrap, Evaluation, Examples
 from qslm_jax.quant.memory import MB
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import FP32, Level, check_level
@@ -54,7 +60,8 @@ if TYPE_CHECKING:
     from qslm_jax.quant.hierarchy import Hierarchy
 
 MODEL_UNIT = "model"  # the unit name of baseline and global candidates
-Evaluate = Callable[[list[QuantPlan]], Sequence[float]]
+Evaluate = Callable[[list[QuantPlan]], Sequence[float | Evaluation]]
+Interval = Callable[[QuantPlan], float]  # plan -> the worse end of its delta_ci, as a degradation
 
 
 @dataclass(frozen=True)
@@ -142,12 +149,14 @@ def degradation(metric: float, baseline: float, higher_is_better: bool) -> float
 class CachedEvaluator:
     """``evaluate`` behind an in-memory cache and an optional journal, counting calls and evaluations.
 
-    Only plans neither cached nor journaled reach ``evaluate``, all of them in one call.
+    Only plans neither cached nor journaled reach ``evaluate``, all of them in one call. Per-example
+    statistics (``evaluate`` returning :class:`Evaluation`) are kept and journaled with the metrics.
     """
 
     def __init__(self, evaluate: Evaluate, hierarchy: Hierarchy, journal: Journal | None = None):
         self.evaluate, self.hierarchy, self.journal = evaluate, hierarchy, journal
         self.cache: dict[str, float] = {}
+        self.examples: dict[str, Examples | None] = {}
         self.calls = self.evaluations = self.journal_hits = 0
         self.computed: set[str] = set()  # keys of the plans passed to ``evaluate``
 
@@ -163,21 +172,54 @@ class CachedEvaluator:
                 todo[key] = plan
             else:
                 self.cache[key] = journaled
+                self.examples[key] = self.journal.examples(key)
                 self.journal_hits += 1
         if todo:
             batch = list(todo.values())
-            metrics = [float(m) for m in self.evaluate(batch)]
+            results = list(self.evaluate(batch))
+            metrics = [float(m) for m in results]
             self.calls += 1
             self.evaluations += len(batch)
             if len(metrics) != len(batch):
                 raise ConfigError(f"evaluate returned {len(metrics)} metrics for {len(batch)} plans; it must "
                                   f"return one metric per plan, in order")
             self.computed.update(todo)
-            for key, plan, metric in zip(todo, batch, metrics, strict=True):
+            for key, plan, metric, result in zip(todo, batch, metrics, results, strict=True):
                 self.cache[key] = metric
+                self.examples[key] = result.examples if isinstance(result, Evaluation) else None
                 if self.journal is not None:
-                    self.journal.record(plan, metric, self.hierarchy.memory_bytes(plan))
+                    self.journal.record(plan, metric, self.hierarchy.memory_bytes(plan), self.examples[key])
         return [self.cache[plan.key()] for plan in plans]
+
+    def examples_of(self, plan: QuantPlan) -> Examples:
+        """The per-example statistics of an evaluated ``plan`` (:class:`ConfigError` if there are none)."""
+        examples = self.examples.get(plan.key())
+        if examples is None:
+            raise ConfigError(f"no per-example statistics for plan {plan.key()}: the interval rule "
+                              f"(--confidence) needs an evaluate function returning Evaluation objects (the "
+                              f"model evaluator does) and journal entries that store them")
+        return examples
+
+
+def interval_rule(confidence: Bootstrap, evaluator: CachedEvaluator, higher_is_better: bool) -> Interval:
+    """``plan -> `` the worse end of the plan's paired ``delta_ci`` vs the fp32 baseline as a degradation
+    (:meth:`Bootstrap.worst_degradation`; cached per plan)."""
+    worst: dict[str, float] = {}
+
+    def interval(plan: QuantPlan) -> float:
+        key = plan.key()
+        if key not in worst:
+            worst[key] = confidence.worst_degradation(evaluator.examples_of(plan),
+                                                      evaluator.examples_of(QuantPlan()), higher_is_better)
+        return worst[key]
+
+    return interval
+
+
+def passes(degradation: float, plan: QuantPlan, const_a: float, interval: Interval | None) -> bool:
+    """The performance constraint: ``degradation <= const_a`` (the paper's point rule) and, with an
+    ``interval`` rule, the worse end of the plan's ``delta_ci`` too (nan fails)."""
+    return degradation <= const_a and (interval is None or interval(plan) <= const_a)
 
 
 def check_constraints(const_a: float, const_m: float) -> None:
@@ -232,20 +274,21 @@ class Judge:
     const_a: float
     const_m: float  # MB
     higher_is_better: bool
+    interval: Interval | None = None  # the --confidence rule (:func:`interval_rule`); None: the point rule
 
     def degradation(self, metric: float) -> float:
         """The accuracy drop / perplexity increase of ``metric`` vs the baseline."""
         return degradation(metric, self.baseline_metric, self.higher_is_better)
 
-    def ok(self, metric: float) -> bool:
-        """The performance constraint."""
-        return self.degradation(metric) <= self.const_a
+    def ok(self, plan: QuantPlan, metric: float) -> bool:
+        """The performance constraint (:func:`passes`)."""
+        return passes(self.degradation(metric), plan, self.const_a, self.interval)
 
     def candidate(self, plan: QuantPlan, phase: str, unit: str, level: Level, metric: float, *,
                   after_stop: bool = False) -> Candidate:
         """The evaluated ``plan`` with its memory, ``ok`` and feasibility."""
         memory = self.hierarchy.memory_bytes(plan)
-        ok = self.ok(metric)
+        ok = self.ok(plan, metric)
         return Candidate(plan, phase, unit, level, metric, memory, memory / self.hierarchy.fp32_bytes, ok,
                          ok and memory <= self.const_m * MB, after_stop)
 
@@ -330,11 +373,12 @@ class _Schedule:
 
     def __init__(self, walk: Callable[[Callable[[Step], bool]], tuple[list[Step], QuantPlan]],
                  evaluator: CachedEvaluator, *, const_a: float, higher_is_better: bool, stop: bool,
-                 batch_sizes: Sequence[int], table: Mapping[str, Mapping[Level, float]] | None):
+                 batch_sizes: Sequence[int], table: Mapping[str, Mapping[Level, float]] | None,
+                 interval: Interval | None = None):
         if not batch_sizes or any(int(b) != b or b < 1 for b in batch_sizes):
             raise ConfigError(f"batch_sizes must be positive integers, found {list(batch_sizes)}")
         self.walk, self.evaluator, self.table = walk, evaluator, table
-        self.const_a, self.higher_is_better, self.stop = const_a, higher_is_better, stop
+        self.const_a, self.higher_is_better, self.stop, self.interval = const_a, higher_is_better, stop, interval
         self.batch_sizes = sorted({int(b) for b in batch_sizes}, reverse=True)
         self.metrics: dict[str, float] = {}  # measured in this run (journal hits included)
         self.evaluated: list[Step] = []  # in evaluation order
@@ -374,7 +418,7 @@ class _Schedule:
         measured = self.degradation(step.plan)
         if measured is None:
             raise _Halt
-        return measured <= self.const_a
+        return passes(measured, step.plan, self.const_a, self.interval)
 
     def _increment(self, step: Step) -> float:
         """``A(child) - A(parent)`` (nan without a prediction)."""
@@ -444,6 +488,7 @@ def tiered_search(
     stop: bool = True,
     sensitivity: Mapping[str, Mapping[Level, float]] | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
+    confidence: Bootstrap | None = None,
 ) -> SearchResult:
     """Run the tiered search of qslm.md section 3 (see the module docstring); ``const_m`` in MB.
 
@@ -454,14 +499,16 @@ def tiered_search(
     ``--no-stop``. ``sensitivity``: ``{block or module: {level: metric}}`` for the speculation's prediction
     (without it every call holds one plan, or the baseline and the first global plan). ``batch_sizes``: the
     numbers of plans a call may hold (the evaluator's compiled sizes, so that no slot is padding).
+    ``confidence``: the interval rule of the module docstring (None: the paper's point rule).
     """
     check_constraints(const_a, const_m)
     q_levels = search_levels(levels)
     order = _check_order(hierarchy, order)
     evaluator = CachedEvaluator(evaluate, hierarchy, journal)
+    interval = interval_rule(confidence, evaluator, higher_is_better) if confidence is not None else None
     schedule = _Schedule(lambda probe: _walk(hierarchy, q_levels, order, stop, probe), evaluator,
                          const_a=const_a, higher_is_better=higher_is_better, stop=stop, batch_sizes=batch_sizes,
-                         table=sensitivity)
+                         table=sensitivity, interval=interval)
     seconds = dict.fromkeys(("baseline", "global", "block", "module"), 0.0)
     tic = [time.perf_counter()]
 
@@ -470,12 +517,12 @@ def tiered_search(
         seconds[batch[0].phase] += now - tic[0]  # a call is timed under the phase of its first (certain) plan
         tic[0] = now
         if on_evaluated is not None:
-            judge = Judge(hierarchy, schedule.baseline_metric, const_a, const_m, higher_is_better)
+            judge = Judge(hierarchy, schedule.baseline_metric, const_a, const_m, higher_is_better, interval)
             on_evaluated([judge.candidate(s.plan, s.phase, s.unit, s.level, m) for s, m in zip(batch, metrics,
                                                                                                  strict=True)])
 
     path, plan = schedule.run(on_batch)
-    judge = Judge(hierarchy, schedule.baseline_metric, const_a, const_m, higher_is_better)
+    judge = Judge(hierarchy, schedule.baseline_metric, const_a, const_m, higher_is_better, interval)
     reached = {step.plan.key() for step in path}
     discarded = {step.plan.key(): step for step in schedule.evaluated if step.plan.key() not in reached}
     candidates = [judge.candidate(s.plan, s.phase, s.unit, s.level, schedule.metrics[s.plan.key()]) for s in path]
