@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qslm_jax.errors import ConfigError, QSLMError
+from qslm_jax.finetune.finetuning import EMBEDDED_PRESET
 from qslm_jax.models.spikegpt import PRESETS
-from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
 from qslm_jax.qslm.pipeline import DEFAULT_LEVELS, SELECTION_SPLITS, QSLMSettings
 from qslm_jax.quant.quantizers import QuantScheme, check_level
 

@@ -51,8 +51,8 @@ def evaluate_export(path: str | Path, task_name: str, *, eval_limit: int | None 
     """The metric of the export ``path`` on ``task_name`` and what it was measured on.
 
     The model of :func:`qslm_jax.model_io.load_quantized_model` is scored at fp32 (its weights already are the
-    dequantized codes) by :func:`qslm_jax.qslm.finetuning.evaluate`, on the batches of
-    :func:`qslm_jax.qslm.tasks.load_task_data`: the search's protocol, so the value equals the search's metric
+    dequantized codes) by :func:`qslm_jax.finetune.finetuning.evaluate`, on the batches of
+    :func:`qslm_jax.tasks.data.load_task_data`: the search's protocol, so the value equals the search's metric
     of the exported plan. Returns ``metric``, ``metric_name``, ``higher_is_better``, ``task``, ``protocol``,
     ``eval_items``, ``plan``, ``family``, ``config`` and ``file_bytes``.
     """
@@ -60,10 +60,10 @@ def evaluate_export(path: str | Path, task_name: str, *, eval_limit: int | None 
 
     from experiments.common import eval_batch_size as default_eval_batch_size
     from qslm_jax.errors import ConfigError
+    from qslm_jax.finetune.finetuning import check_vocabulary, evaluate
     from qslm_jax.model_io import family_of, load_quantized_model
     from qslm_jax.models.spikegpt import SpikeGPT
-    from qslm_jax.qslm.finetuning import check_vocabulary, evaluate
-    from qslm_jax.qslm.tasks import get_task, load_task_data
+    from qslm_jax.tasks.data import get_task, load_task_data
 
     task = get_task(task_name)
     path = Path(path)

@@ -17,13 +17,13 @@ from pathlib import Path
 from experiments.common import finite_float, run_main
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
-from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
-from qslm_jax.qslm.models import resolve_model
-from qslm_jax.qslm.tasks import TASKS, get_task
+from qslm_jax.finetune.finetuning import RECIPES, Recipe, finetune
+from qslm_jax.models.loading import resolve_model
+from qslm_jax.tasks.data import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.qslm.finetuning)."""
+    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.finetune.finetuning)."""
     p = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="spikegpt-small",

@@ -19,12 +19,12 @@ from pathlib import Path
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.data import gpt_neox_tokenizer
 from qslm_jax.errors import ConfigError
+from qslm_jax.finetune.finetuning import EMBEDDED_PRESET
 from qslm_jax.generation import generate
+from qslm_jax.models.loading import load_for_task
 from qslm_jax.models.spikegpt import MODES, PRESETS
-from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
-from qslm_jax.qslm.models import load_for_task
-from qslm_jax.qslm.tasks import get_task
 from qslm_jax.quant.export import load_quantized
+from qslm_jax.tasks.data import get_task
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,10 +21,10 @@ from experiments.common import (
     scheme_of,
 )
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.qslm.models import load_for_task
+from qslm_jax.models.loading import load_for_task
 from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
 from qslm_jax.qslm.report import write_json
-from qslm_jax.qslm.tasks import TASKS, get_task
+from qslm_jax.tasks.data import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:

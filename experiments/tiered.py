@@ -29,11 +29,11 @@ from experiments.common import (
 )
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
-from qslm_jax.qslm.models import load_for_task
+from qslm_jax.models.loading import load_for_task
 from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, STRATEGIES, QSLMSettings, case_budget_mb, run_qslm
 from qslm_jax.qslm.selection import ALPHAS
-from qslm_jax.qslm.tasks import TASKS, get_task
 from qslm_jax.quant.hierarchy import hierarchy_of
+from qslm_jax.tasks.data import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from qslm_jax.energy import HOROWITZ_45NM_PJ, LayerOps, estimate_energy, mean_tokens_per_sample, op_energy_pj
 from qslm_jax.equilibrium.train import energy_report
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SpikingBERTConfig
-from qslm_jax.qslm.energy import HOROWITZ_45NM_PJ, LayerOps, estimate_energy, mean_tokens_per_sample, op_energy_pj
 from qslm_jax.qslm.pipeline import spikegpt_energy
 from qslm_jax.quant.hierarchy import hierarchy_of
 from qslm_jax.quant.plan import QuantPlan

@@ -12,12 +12,12 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from experiments import evaluate
+from qslm_jax.finetune.finetuning import metric_of
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
-from qslm_jax.qslm.finetuning import metric_of
-from qslm_jax.qslm.tasks import TASKS, get_task, load_task_data
 from qslm_jax.quant.export import export_quantized
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.tasks.data import TASKS, get_task, load_task_data
 
 # mixed levels: a global default, a block override and a module override below it
 PLAN = QuantPlan(4, blocks={"attention_0": 3}, modules={"attention_1/att.key": 2})

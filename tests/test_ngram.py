@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from qslm_jax.qslm.ngram import _bigram_log_probs, baseline_perplexities, unigram_log_probs
+from qslm_jax.finetune.ngram import _bigram_log_probs, baseline_perplexities, unigram_log_probs
 
 
 def test_unigram_add_one_by_hand():

@@ -15,9 +15,9 @@ SCRIPT = """
 import hashlib, json, sys
 import jax, numpy as np
 from flax import nnx
-from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
-from qslm_jax.qslm.models import random_model
-from qslm_jax.qslm.tasks import get_task
+from qslm_jax.finetune.finetuning import RECIPES, Recipe, finetune
+from qslm_jax.models.loading import random_model
+from qslm_jax.tasks.data import get_task
 from qslm_jax.training import TrainConfig
 task = get_task("sst2")
 recipe = Recipe(TrainConfig(steps=12, learning_rate=2e-3, warmup_steps=2, checkpoint_every=0), 8, 16,

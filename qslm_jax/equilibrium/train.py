@@ -13,7 +13,7 @@ The pieces :mod:`experiments.extreme_kd` strings together, each usable on its ow
 * :func:`load_task_data` - train and dev sets per GLUE task (QNLI has no local train split: see there);
 * evaluation: :func:`evaluate_student` (accuracy, MRPC F1, spike rate per neuron layer),
   :func:`evaluate_teacher`, :func:`model_size` (bits and packed bytes) and :func:`energy_report` (accumulates
-  vs multiply-accumulates and their 45 nm energy, via :mod:`qslm_jax.qslm.energy`).
+  vs multiply-accumulates and their 45 nm energy, via :mod:`qslm_jax.energy`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from qslm_jax.data import ClassificationDataset, TextClassificationSplit, encode
 from qslm_jax.data.glue import glue_task
 from qslm_jax.data.sources import resolve_data_dir
 from qslm_jax.data.tokenizer import TextTokenizer
+from qslm_jax.energy import LayerOps, estimate_energy
 from qslm_jax.equilibrium.implicit import fixed_point
 from qslm_jax.equilibrium.kd import LayerMap, batch_mean, cross_entropy, internal_kd_loss, soft_cross_entropy
 from qslm_jax.errors import ConfigError
@@ -46,7 +47,6 @@ from qslm_jax.models.spikingbert import (
     TrainOutput,
     is_encoder_kernel,
 )
-from qslm_jax.qslm.energy import LayerOps, estimate_energy
 from qslm_jax.quant.memory import tensor_bytes
 from qslm_jax.quant.quantizers import (
     BINARY,
@@ -399,7 +399,7 @@ def _block_operations(config: SpikingBERTConfig, tokens: int) -> tuple[tuple[str
 
 def student_layer_ops(config: SpikingBERTConfig, spike_rates: Sequence[float], tokens: int,
                       bits: Level) -> list[LayerOps]:
-    """The spiking encoder's synaptic operations per token, as :class:`qslm_jax.qslm.energy.LayerOps`.
+    """The spiking encoder's synaptic operations per token, as :class:`qslm_jax.energy.LayerOps`.
 
     Every encoder Linear reads the spikes of the IF layer before it (spikingbert.md, "Architecture"), so it
     runs T times on binary input of rate r (that layer's ASR): ``T r n_in n_out`` accumulates at the kernel's
@@ -428,7 +428,7 @@ def dense_layer_ops(config: SpikingBERTConfig, tokens: int) -> list[LayerOps]:
 
 def energy_report(config: SpikingBERTConfig, spike_rates: Sequence[float], tokens_per_example: float,
                   bits: Level) -> dict[str, Any]:
-    """Operation counts and 45 nm energy (:func:`qslm_jax.qslm.energy.estimate_energy`) per token and per
+    """Operation counts and 45 nm energy (:func:`qslm_jax.energy.estimate_energy`) per token and per
     example of the spiking student vs a dense fp32 BERT of the same shape.
 
     An example has ``tokens_per_example`` tokens (the average real length); attention, whose per-token cost

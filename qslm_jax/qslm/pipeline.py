@@ -14,7 +14,7 @@
 
 Held-out selection (default ``selection_split="held-out"``): the search, sensitivity and selection see only the
 task's ``selection`` split; the fp32 baseline and the selected plans are then scored on the ``report`` split,
-which the search never saw (:mod:`qslm_jax.qslm.tasks`). ``"same"`` is the paper's protocol: one set for both.
+which the search never saw (:mod:`qslm_jax.tasks.data`). ``"same"`` is the paper's protocol: one set for both.
 Journals live outside the case folders (default ``OUT/../journals/<task>-<split>-<fingerprint>.jsonl``), so
 cases of one model and task share them without touching each other's folders.
 
@@ -42,11 +42,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from qslm_jax.energy import LayerOps, estimate_energy, mean_tokens_per_sample
 from qslm_jax.errors import ConfigError
+from qslm_jax.finetune.finetuning import check_vocabulary, metric_of
 from qslm_jax.models.spikegpt import SpikeGPT
-from qslm_jax.qslm.energy import LayerOps, estimate_energy, mean_tokens_per_sample
 from qslm_jax.qslm.evaluator import Evaluator, stack_batches
-from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
 from qslm_jax.qslm.journal import Journal, fingerprint
 from qslm_jax.qslm.knapsack import knapsack_search
 from qslm_jax.qslm.power import PowerMeter
@@ -60,10 +60,10 @@ from qslm_jax.qslm.search import (
     tiered_search,
 )
 from qslm_jax.qslm.selection import ALPHAS, NoFeasibleCandidate, alpha_ablation, scored_candidates, select
-from qslm_jax.qslm.tasks import Task, load_task_data
 from qslm_jax.quant.hierarchy import DEFAULT_SCHEME, Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import QuantScheme
+from qslm_jax.tasks.data import Task, load_task_data
 
 log = logging.getLogger(__name__)
 MB = 1e6
@@ -133,7 +133,7 @@ class QSLMSettings:
 
     @property
     def search_split(self) -> str:
-        """The task split the search chooses on (:data:`qslm_jax.qslm.tasks.EVAL_SPLITS`)."""
+        """The task split the search chooses on (:data:`qslm_jax.tasks.data.EVAL_SPLITS`)."""
         return "selection" if self.selection_split == "held-out" else "all"
 
 
@@ -162,7 +162,7 @@ def parameter_fingerprint(model: nnx.Module) -> str:
 def spikegpt_energy(model: SpikeGPT, plan: QuantPlan, hierarchy: Hierarchy, *, classify: bool,
                     tokens_per_sample: float, spike_rates: np.ndarray | None = None) -> dict[str, Any]:
     """Operation-count energy per token and per sample of ``tokens_per_sample`` tokens
-    (:mod:`qslm_jax.qslm.energy`) of SpikeGPT under ``plan``.
+    (:mod:`qslm_jax.energy`) of SpikeGPT under ``plan``.
 
     Every SpikeGPT Linear reads real values (LayerNorm outputs, ``r * wkv``, ``relu(k)^2``), so each is counted
     as MACs at its weight bit width; the LM head runs only for language modelling, the classifier only once

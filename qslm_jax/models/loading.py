@@ -18,7 +18,7 @@ from converters.spikegpt import PRETRAINED, load_spikegpt
 from qslm_jax.errors import ConfigError
 from qslm_jax.model_io import INFO_FILE, load_model
 from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
-from qslm_jax.qslm.tasks import Task
+from qslm_jax.tasks.data import Task
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ def load_for_task(spec: str, task: Task, *, checkpoint: str | None = None, init:
     """The model a QSLM command evaluates, and a JSON description of it for reports and journals.
 
     ``init="random"``: a random ``spec`` preset (pipeline checks). The embedded preset without a checkpoint:
-    the cached, trained embedded default (:func:`~qslm_jax.qslm.finetuning.embedded_model`). Otherwise
+    the cached, trained embedded default (:func:`~qslm_jax.finetune.finetuning.embedded_model`). Otherwise
     :func:`resolve_model`; a classification task then needs a model that already has its classifier.
     """
-    from qslm_jax.qslm.finetuning import EMBEDDED_PRESET, embedded_model
+    from qslm_jax.finetune.finetuning import EMBEDDED_PRESET, embedded_model
 
     if init == "random":
         if spec not in PRESETS:

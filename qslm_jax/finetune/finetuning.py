@@ -22,14 +22,14 @@ import numpy as np
 from flax import nnx
 
 from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.finetune.ngram import baseline_perplexities
 from qslm_jax.model_io import INFO_FILE, load_model, save_model
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
 from qslm_jax.qslm.metrics import Accuracy, Perplexity
-from qslm_jax.qslm.ngram import baseline_perplexities
 from qslm_jax.qslm.report import plot_training_curve, write_json
-from qslm_jax.qslm.tasks import SST2_SELECTION_EXAMPLES, SST2_SELECTION_SEED, Task, load_task_data, training_loss
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.tasks.data import SST2_SELECTION_EXAMPLES, SST2_SELECTION_SEED, Task, load_task_data, training_loss
 from qslm_jax.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
     """Train ``model`` on ``task`` per ``recipe`` into ``out`` (resuming from ``out/train``); returns the metrics.
 
     For wikitext2 the metrics also hold unigram and bigram perplexities of the same training text
-    (:mod:`qslm_jax.qslm.ngram`) as a yardstick.
+    (:mod:`qslm_jax.finetune.ngram`) as a yardstick.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
