@@ -18,8 +18,8 @@ from pathlib import Path
 
 from qslm_jax.errors import ConfigError, QSLMError
 from qslm_jax.finetune.finetuning import EMBEDDED_PRESET
-from qslm_jax.models.spikegpt import PRESETS
-from qslm_jax.qslm.pipeline import DEFAULT_LEVELS, SELECTION_SPLITS, QSLMSettings
+from qslm_jax.models.registry import all_presets
+from qslm_jax.qslm.settings import DEFAULT_LEVELS, SELECTION_SPLITS, QSLMSettings
 from qslm_jax.quant.quantizers import QuantScheme, check_level
 
 EXIT_BAD_INPUT = 1
@@ -126,7 +126,7 @@ def check_search_arguments(args, *, const_a: float | None = None) -> None:
 
 def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     """Which model, which levels, how to evaluate, where to write."""
-    p.add_argument("--model", default=EMBEDDED_PRESET, help=f"preset ({', '.join(sorted(PRESETS))}), reference "
+    p.add_argument("--model", default=EMBEDDED_PRESET, help=f"preset ({', '.join(all_presets())}), reference "
                    "checkpoint (.pth/.safetensors/hf://) or a directory saved by experiments.finetune")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
     p.add_argument("--levels", type=parse_levels, default=as_list(DEFAULT_LEVELS),

@@ -60,27 +60,28 @@ def evaluate_export(path: str | Path, task_name: str, *, eval_limit: int | None 
 
     from experiments.common import eval_batch_size as default_eval_batch_size
     from qslm_jax.errors import ConfigError
-    from qslm_jax.finetune.finetuning import check_vocabulary, evaluate
-    from qslm_jax.model_io import family_of, load_quantized_model
-    from qslm_jax.models.spikegpt import SpikeGPT
-    from qslm_jax.tasks.data import get_task, load_task_data
+    from qslm_jax.finetune.finetuning import evaluate
+    from qslm_jax.model_io import load_quantized_model
+    from qslm_jax.models.registry import family_of
+    from qslm_jax.tasks.model_data import check_vocabulary, model_task_data
+    from qslm_jax.tasks.task import get_task
 
     task = get_task(task_name)
     path = Path(path)
     model, export = load_quantized_model(path)
-    if not isinstance(model, SpikeGPT):
-        raise ConfigError(f"the QSLM tasks score SpikeGPT models, and {path} holds a {family_of(model)} model")
-    if task.n_classes and model.config.n_classes != task.n_classes:
+    family = family_of(model)
+    if task.n_classes and family.config_value(model.config, "n_classes") != task.n_classes:
         raise ConfigError(f"{task.name} needs a {task.n_classes}-class classifier and the model in {path} has "
-                          f"{model.config.n_classes or 'none'}: export a model fine-tuned on {task.name} "
-                          f"(python -m experiments.finetune --task {task.name}), or score it on wikitext2")
+                          f"{family.config_value(model.config, 'n_classes') or 'none'}: export a model fine-tuned "
+                          f"on {task.name} (python -m experiments.finetune --task {task.name}), or score it on "
+                          "wikitext2")
     batch_size = default_eval_batch_size(argparse.Namespace(eval_batch_size=eval_batch_size), task)
-    data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=batch_size, eval_limit=eval_limit,
-                          data_dir=data_dir, with_train=False, eval_split=split)
+    data = model_task_data(model, task, eval_batch_size=batch_size, eval_limit=eval_limit, data_dir=data_dir,
+                           with_train=False, eval_split=split)
     check_vocabulary(model, data.eval_batches)
     return {"metric": evaluate(model, task, data.eval_batches), "metric_name": task.metric_name,
             "higher_is_better": task.higher_is_better, "task": task.name, "protocol": data.protocol,
-            "eval_items": data.eval_items, "plan": export.plan.to_dict(), "family": family_of(model),
+            "eval_items": data.eval_items, "plan": export.plan.to_dict(), "family": family.name,
             "config": dataclasses.asdict(model.config), "file_bytes": path.stat().st_size}
 
 

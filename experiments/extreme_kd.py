@@ -43,22 +43,14 @@ from converters.spikingbert import spikingbert_from_bert
 from experiments.common import exit_status
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.data import bert_tokenizer
+from qslm_jax.equilibrium.evaluation import energy_report, evaluate_student, evaluate_teacher, model_size
 from qslm_jax.equilibrium.implicit import SolveLog, fixed_point
 from qslm_jax.equilibrium.kd import LayerMap
 from qslm_jax.equilibrium.solvers import SOLVERS
-from qslm_jax.equilibrium.train import (
-    KDObjective,
-    TaskData,
+from qslm_jax.equilibrium.student import KDObjective, implicit_forward, kd_loss, student_level
+from qslm_jax.equilibrium.teacher import (
     check_internal_kd_shapes,
     check_student_teacher_io,
-    energy_report,
-    evaluate_student,
-    evaluate_teacher,
-    implicit_forward,
-    kd_loss,
-    load_task_data,
-    model_size,
-    student_level,
     teacher_loss,
     teacher_targets,
 )
@@ -66,6 +58,7 @@ from qslm_jax.errors import ConfigError
 from qslm_jax.models.bert import BERT, BertConfig
 from qslm_jax.models.spikingbert import GRADIENT_POINTS, SpikingBERT, SpikingBERTConfig
 from qslm_jax.qslm.report import write_json
+from qslm_jax.tasks.data import GlueSplits, load_glue_splits
 from qslm_jax.training import TrainConfig, train
 
 # Flags that do not change what is trained: they may differ between a run and its --resume.
@@ -242,7 +235,7 @@ def format_solver_stats(summary: dict) -> str:
     return "feedback solver " + "; ".join(parts)
 
 
-def _teacher(args, data: TaskData, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
+def _teacher(args, data: GlueSplits, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
     if args.teacher is not None:
         return load_bert(args.teacher), f"loaded from {args.teacher}"
     hidden = args.hidden or 128
@@ -323,7 +316,7 @@ def _feedback_report(args, stages: _Stages) -> dict | None:
                     "counted for the steps this process ran (a resumed run: the resumed steps)"}
 
 
-def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str, student: SpikingBERT,
+def _report(args, out: Path, data: GlueSplits, teacher: BERT, teacher_source: str, student: SpikingBERT,
             layer_map: LayerMap, stages: _Stages) -> dict:
     """Evaluate teacher and student on dev; write results.json and the training curves."""
     bits, progress = student_level(args.bits), not args.no_progress
@@ -364,7 +357,7 @@ def run(argv: list[str] | None = None) -> dict:
     out = args.out or Path("runs") / f"extreme_kd-{args.task}-{args.bits:g}bit"
     _check_run_settings(args, out)
     tokenizer = bert_tokenizer(data_dir=args.data_dir)
-    data = load_task_data(args.task, tokenizer, data_dir=args.data_dir, max_length=args.max_length,
+    data = load_glue_splits(args.task, tokenizer, data_dir=args.data_dir, max_length=args.max_length,
                           train_limit=args.train_limit, eval_limit=args.eval_limit, split_seed=args.seed)
     print(data.note)
     stages = _Stages(args, out)

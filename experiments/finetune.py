@@ -17,9 +17,10 @@ from pathlib import Path
 from experiments.common import finite_float, run_main
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
-from qslm_jax.finetune.finetuning import RECIPES, Recipe, finetune
+from qslm_jax.finetune.finetuning import Recipe, finetune, recipe_for
 from qslm_jax.models.loading import resolve_model
-from qslm_jax.tasks.data import TASKS, get_task
+from qslm_jax.models.registry import SPIKEGPT, all_presets, preset_family
+from qslm_jax.tasks.task import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recipe_from(args, task_name: str) -> Recipe:
-    base = RECIPES[task_name]
+def _recipe_from(args, task) -> Recipe:
+    family = preset_family(args.model) if args.model in all_presets() else SPIKEGPT
+    base = recipe_for(family, task)
     overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
                                                  ("warmup_steps", args.warmup),
                                                  ("checkpoint_every", args.checkpoint_every),
@@ -72,7 +74,7 @@ def _run(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise ConfigError(f"--eval-limit must be >= 1, found {args.eval_limit}")
-    recipe = _recipe_from(args, task.name)  # checks the training settings before the model is loaded
+    recipe = _recipe_from(args, task)  # checks the training settings before the model is loaded
     model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed, new_head=args.new_head)
     out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"
     metrics = finetune(model, task, recipe, out, data_dir=args.data_dir, eval_limit=args.eval_limit,

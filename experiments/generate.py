@@ -24,7 +24,7 @@ from qslm_jax.generation import generate
 from qslm_jax.models.loading import load_for_task
 from qslm_jax.models.spikegpt import MODES, PRESETS
 from qslm_jax.quant.export import load_quantized
-from qslm_jax.tasks.data import get_task
+from qslm_jax.tasks.task import get_task
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,11 @@ from experiments.common import (
 )
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.models.loading import load_for_task
-from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
+from qslm_jax.qslm.outputs import write_sensitivity
+from qslm_jax.qslm.pipeline import prepare_evaluation, run_sensitivity
 from qslm_jax.qslm.report import write_json
-from qslm_jax.tasks.data import TASKS, get_task
+from qslm_jax.qslm.settings import QSLMSettings
+from qslm_jax.tasks.task import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
