@@ -15,10 +15,12 @@ random, trained by implicit differentiation (no BPTT), with its encoder Linear k
 1``) or ternarised (``--bits 1.58``) through a straight-through estimator. With ``--feedback`` the student's
 feedback connection (last layer -> embedding neuron) is closed and trained through the implicit fixed point
 of the feedback loop (an adjoint solve per step; its iterations and residuals go into results.json).
-``OUT/results.json`` holds dev accuracy (and F1 for MRPC), the average spike rate of every neuron layer, the
-model size in bits and an operation / energy estimate; ``OUT/curve_<stage>.png`` the training curves. An
-interrupted run (or ``--stop-after``) continues with the same command plus ``--resume`` and ends with the
-same result as an uninterrupted one. Invalid flags or data end with ``error: ...`` and exit status 1.
+``OUT/student`` is the trained student (``qslm_jax.model_io``; ``python -m experiments.tiered --model OUT``
+searches the rest of it, its encoder kernels kept at ``--bits``). ``OUT/results.json`` holds dev accuracy (and
+F1 for MRPC), the average spike rate of every neuron layer, the model size in bits and an operation / energy
+estimate; ``OUT/curve_<stage>.png`` the training curves. An interrupted run (or ``--stop-after``) continues with
+the same command plus ``--resume`` and ends with the same result as an uninterrupted one. Invalid flags or data
+end with ``error: ...`` and exit status 1.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ from qslm_jax.equilibrium.teacher import (
     teacher_targets,
 )
 from qslm_jax.errors import ConfigError
+from qslm_jax.model_io import save_model
 from qslm_jax.models.bert import BERT, BertConfig
+from qslm_jax.models.loading import STUDENT_DIR
 from qslm_jax.models.spikingbert import GRADIENT_POINTS, SpikingBERT, SpikingBERTConfig
 from qslm_jax.qslm.report import write_json
 from qslm_jax.tasks.data import GlueSplits, load_glue_splits
@@ -335,6 +339,7 @@ def _report(args, out: Path, data: GlueSplits, teacher: BERT, teacher_source: st
         "history": stages.histories, "train_seconds": stages.seconds,
     }
     write_json(out / "results.json", results)
+    save_model(student, out / STUDENT_DIR, overwrite=True)  # latent weights; QSLM re-quantizes them at ``bits``
     for name, history in stages.histories.items():
         if history:
             plot_history(history, out / f"curve_{name}.png",
