@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export", type=Path, metavar="EXPORT",
                    help="quantized export, e.g. runs/tiered-spikegpt-small-a1/selection.safetensors")
     p.add_argument("--task", required=True,
-                   help="task to score on: sst2 (accuracy, GLUE validation) or wikitext2 (perplexity, test split)")
+                   help="task to score on: sst2, mrpc or qnli (accuracy, GLUE validation) or wikitext2 "
+                        "(perplexity, test split)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N",
                    help="score the first N examples (sst2) or tokens (wikitext2) only, as the search's flag")
     p.add_argument("--eval-batch-size", type=int, default=None, metavar="B",
