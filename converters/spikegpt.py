@@ -22,9 +22,10 @@ from flax import nnx
 
 from converters.checkpoint_io import check_keys_and_shapes, read_state_dict
 from qslm_jax.errors import ConfigError, ConversionError
+from qslm_jax.models.registry import SPIKEGPT
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 
-PRETRAINED = {"spikegpt216m": "hf://ridger/SpikeGPT-OpenWebText-216M/SpikeGPT-216M.pth"}
+PRETRAINED = SPIKEGPT.pretrained  # preset -> released weights (the registry entry's)
 DEFAULT_CTX_LEN = 1024  # the released model's; not recoverable from a state dict
 CLASSIFIER_KEY = "classifier.weight"
 

@@ -127,7 +127,7 @@ def check_flags(args: argparse.Namespace, checks) -> None:
 def check_search_arguments(args, *, const_a: float | None = None) -> None:
     """Every search flag checked before any model is loaded or evaluated (:class:`ConfigError` listing the
     problems): the same rules as :class:`QSLMSettings`, plus levels, the budget flags and the device count."""
-    from qslm_jax.qslm.pipeline import QSLMSettings
+    from qslm_jax.qslm.settings import QSLMSettings
     from qslm_jax.quant.quantizers import check_level
 
     for q in args.levels:
@@ -154,7 +154,7 @@ def check_search_arguments(args, *, const_a: float | None = None) -> None:
 def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     """Which model, which levels, how to evaluate, where to write."""
     p.add_argument("--model", default=names.EMBEDDED_PRESET,
-                   help=f"preset ({', '.join(sorted(names.SPIKEGPT_PRESETS))}), reference "
+                   help=f"preset ({', '.join(names.MODEL_PRESETS)}), reference "
                    "checkpoint (.pth/.safetensors/hf://) or a directory saved by experiments.finetune")
     p.add_argument("--checkpoint", default=None, help="weights for a preset --model (file or saved directory)")
     p.add_argument("--levels", type=parse_levels, default=as_list(names.DEFAULT_LEVELS),

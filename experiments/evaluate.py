@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export", type=Path, metavar="EXPORT",
                    help="quantized export, e.g. runs/tiered-spikegpt-small-a1/selection.safetensors")
     p.add_argument("--task", required=True,
-                   help="task to score on: sst2 (accuracy, GLUE validation) or wikitext2 (perplexity, test split)")
+                   help="task to score on: sst2, mrpc or qnli (accuracy, GLUE validation) or wikitext2 "
+                        "(perplexity, test split)")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N",
                    help="score the first N examples (sst2) or tokens (wikitext2) only, as the search's flag")
     p.add_argument("--eval-batch-size", type=int, default=None, metavar="B",
@@ -52,8 +53,8 @@ def evaluate_export(path: str | Path, task_name: str, *, eval_limit: int | None 
     """The metric of the export ``path`` on ``task_name`` and what it was measured on.
 
     The model of :func:`qslm_jax.model_io.load_quantized_model` is scored at fp32 (its weights already are the
-    dequantized codes) by :func:`qslm_jax.qslm.finetuning.evaluate`, on the batches of
-    :func:`qslm_jax.qslm.tasks.load_task_data`: the search's protocol, so the value equals the search's metric
+    dequantized codes) by :func:`qslm_jax.finetune.finetuning.evaluate`, on the batches of
+    :func:`qslm_jax.tasks.data.load_task_data`: the search's protocol, so the value equals the search's metric
     of the exported plan. Returns ``metric``, ``metric_name``, ``higher_is_better``, ``task``, ``protocol``,
     ``eval_items``, ``plan``, ``family``, ``config`` and ``file_bytes``.
     """
@@ -61,27 +62,28 @@ def evaluate_export(path: str | Path, task_name: str, *, eval_limit: int | None 
 
     from experiments.common import eval_batch_size as default_eval_batch_size
     from qslm_jax.errors import ConfigError
-    from qslm_jax.model_io import family_of, load_quantized_model
-    from qslm_jax.models.spikegpt import SpikeGPT
-    from qslm_jax.qslm.finetuning import check_vocabulary, evaluate
-    from qslm_jax.qslm.tasks import get_task, load_task_data
+    from qslm_jax.finetune.finetuning import evaluate
+    from qslm_jax.model_io import load_quantized_model
+    from qslm_jax.models.registry import family_of
+    from qslm_jax.tasks.model_data import check_vocabulary, model_task_data
+    from qslm_jax.tasks.task import get_task
 
     task = get_task(task_name)
     path = Path(path)
     model, export = load_quantized_model(path)
-    if not isinstance(model, SpikeGPT):
-        raise ConfigError(f"the QSLM tasks score SpikeGPT models, and {path} holds a {family_of(model)} model")
-    if task.n_classes and model.config.n_classes != task.n_classes:
+    family = family_of(model)
+    if task.n_classes and family.config_value(model.config, "n_classes") != task.n_classes:
         raise ConfigError(f"{task.name} needs a {task.n_classes}-class classifier and the model in {path} has "
-                          f"{model.config.n_classes or 'none'}: export a model fine-tuned on {task.name} "
-                          f"(python -m experiments.finetune --task {task.name}), or score it on wikitext2")
+                          f"{family.config_value(model.config, 'n_classes') or 'none'}: export a model fine-tuned "
+                          f"on {task.name} (python -m experiments.finetune --task {task.name}), or score it on "
+                          "wikitext2")
     batch_size = default_eval_batch_size(argparse.Namespace(eval_batch_size=eval_batch_size), task)
-    data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=batch_size, eval_limit=eval_limit,
-                          data_dir=data_dir, with_train=False, eval_split=split)
+    data = model_task_data(model, task, eval_batch_size=batch_size, eval_limit=eval_limit, data_dir=data_dir,
+                           with_train=False, eval_split=split)
     check_vocabulary(model, data.eval_batches)
     return {"metric": evaluate(model, task, data.eval_batches), "metric_name": task.metric_name,
             "higher_is_better": task.higher_is_better, "task": task.name, "protocol": data.protocol,
-            "eval_items": data.eval_items, "plan": export.plan.to_dict(), "family": family_of(model),
+            "eval_items": data.eval_items, "plan": export.plan.to_dict(), "family": family.name,
             "config": dataclasses.asdict(model.config), "file_bytes": path.stat().st_size}
 
 

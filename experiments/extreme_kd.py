@@ -15,12 +15,14 @@ random, trained by implicit differentiation (no BPTT), with its encoder Linear k
 1``) or ternarised (``--bits 1.58``) through a straight-through estimator. With ``--feedback`` the student's
 feedback connection (last layer -> embedding neuron) is closed and trained through the implicit fixed point
 of the feedback loop (an adjoint solve per step; its iterations and residuals go into results.json).
-``OUT/results.json`` holds dev accuracy (and F1 for MRPC), the average spike rate of every neuron layer, the
-model size in bits and an operation / energy estimate; ``OUT/curve_<stage>.png`` the training curves. An
-interrupted run (Ctrl-C, or ``--stop-after``) continues when the same command is run again, as every entry point
-does: the run in ``--out`` resumes from its stage checkpoints (it says so) and ends with the same result as an
-uninterrupted one; ``--out`` holding a run with other settings is refused (choose another ``--out`` to start
-over). Invalid flags or data end with ``error: ...`` and exit status 1.
+``OUT/student`` is the trained student (``qslm_jax.model_io``; ``python -m experiments.tiered --model OUT``
+searches the rest of it, its encoder kernels kept at ``--bits``). ``OUT/results.json`` holds dev accuracy (and
+F1 for MRPC), the average spike rate of every neuron layer, the model size in bits and an operation / energy
+estimate; ``OUT/curve_<stage>.png`` the training curves. An interrupted run (Ctrl-C, or ``--stop-after``)
+continues when the same command is run again, as every entry point does: the run in ``--out`` resumes from its
+stage checkpoints (it says so) and ends with the same result as an uninterrupted one; ``--out`` holding a run
+with other settings is refused (choose another ``--out`` to start over). Invalid flags or data end with
+``error: ...`` and exit status 1.
 """
 
 from __future__ import annotations

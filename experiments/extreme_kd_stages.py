@@ -18,28 +18,23 @@ from flax import nnx
 from converters.bert import load_bert, save_bert
 from converters.spikingbert import spikingbert_from_bert
 from qslm_jax.data import bert_tokenizer
+from qslm_jax.equilibrium.evaluation import energy_report, evaluate_student, evaluate_teacher, model_size
 from qslm_jax.equilibrium.implicit import SolveLog, fixed_point
 from qslm_jax.equilibrium.kd import LayerMap
-from qslm_jax.equilibrium.train import (
-    KDObjective,
-    TaskData,
+from qslm_jax.equilibrium.student import KDObjective, implicit_forward, kd_loss, student_level
+from qslm_jax.equilibrium.teacher import (
     check_internal_kd_shapes,
     check_student_teacher_io,
-    energy_report,
-    evaluate_student,
-    evaluate_teacher,
-    implicit_forward,
-    kd_loss,
-    load_task_data,
-    model_size,
-    student_level,
     teacher_loss,
     teacher_targets,
 )
 from qslm_jax.errors import ConfigError
+from qslm_jax.model_io import save_model
 from qslm_jax.models.bert import BERT, BertConfig
+from qslm_jax.models.loading import STUDENT_DIR
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
 from qslm_jax.qslm.report import write_json
+from qslm_jax.tasks.data import GlueSplits, load_glue_splits
 from qslm_jax.training import TrainConfig, train
 
 
@@ -98,7 +93,7 @@ def format_solver_stats(summary: dict) -> str:
     return "feedback solver " + "; ".join(parts)
 
 
-def _teacher(args, data: TaskData, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
+def _teacher(args, data: GlueSplits, vocab: int, stages: _Stages, out: Path) -> tuple[BERT, str]:
     if args.teacher is not None:
         return load_bert(args.teacher), f"loaded from {args.teacher}"
     hidden = args.hidden or 128
@@ -179,7 +174,7 @@ def _feedback_report(args, stages: _Stages) -> dict | None:
                     "counted for the steps this process ran (a resumed run: the resumed steps)"}
 
 
-def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str, student: SpikingBERT,
+def _report(args, out: Path, data: GlueSplits, teacher: BERT, teacher_source: str, student: SpikingBERT,
             layer_map: LayerMap, stages: _Stages) -> dict:
     """Evaluate teacher and student on dev; write results.json and the training curves."""
     bits, progress = student_level(args.bits), not args.no_progress
@@ -198,6 +193,7 @@ def _report(args, out: Path, data: TaskData, teacher: BERT, teacher_source: str,
         "history": stages.histories, "train_seconds": stages.seconds,
     }
     write_json(out / "results.json", results)
+    save_model(student, out / STUDENT_DIR, overwrite=True)  # latent weights; QSLM re-quantizes them at ``bits``
     for name, history in stages.histories.items():
         if history:
             plot_history(history, out / f"curve_{name}.png",
@@ -214,8 +210,8 @@ def run_stages(args, out: Path) -> dict:
     report; returns the results (or ``status: interrupted`` after ``--stop-after``)."""
     bits = student_level(args.bits)
     tokenizer = bert_tokenizer(data_dir=args.data_dir)
-    data = load_task_data(args.task, tokenizer, data_dir=args.data_dir, max_length=args.max_length,
-                          train_limit=args.train_limit, eval_limit=args.eval_limit, split_seed=args.seed)
+    data = load_glue_splits(args.task, tokenizer, data_dir=args.data_dir, max_length=args.max_length,
+                            train_limit=args.train_limit, eval_limit=args.eval_limit, split_seed=args.seed)
     print(data.note)
     stages = _Stages(args, out)
 

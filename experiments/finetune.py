@@ -20,7 +20,7 @@ from experiments.formatting import DefaultsFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.qslm.finetuning)."""
+    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.finetune.finetuning)."""
     p = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="spikegpt-small",
@@ -46,10 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _recipe_from(args, task_name: str):
-    from qslm_jax.qslm.finetuning import RECIPES, Recipe
+def _recipe_from(args, task):
+    from qslm_jax.finetune.finetuning import Recipe, recipe_for
+    from qslm_jax.models.registry import SPIKEGPT, all_presets, preset_family
 
-    base = RECIPES[task_name]
+    family = preset_family(args.model) if args.model in all_presets() else SPIKEGPT
+    base = recipe_for(family, task)
     overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
                                                  ("warmup_steps", args.warmup),
                                                  ("checkpoint_every", args.checkpoint_every),
@@ -66,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from qslm_jax.qslm.finetuning import finetune
-    from qslm_jax.qslm.models import resolve_model
-    from qslm_jax.qslm.tasks import get_task
+    from qslm_jax.finetune.finetuning import finetune
+    from qslm_jax.models.loading import resolve_model
+    from qslm_jax.tasks.task import get_task
 
     check_flags(args, [(("--batch-size", "--eval-limit"), *AT_LEAST_ONE)])
     task = get_task(args.task)
-    recipe = _recipe_from(args, task.name)  # checks the training settings before the model is loaded
+    recipe = _recipe_from(args, task)  # checks the training settings before the model is loaded
     model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed, new_head=args.new_head)
     out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"
     metrics = finetune(model, task, recipe, out, data_dir=args.data_dir, eval_limit=args.eval_limit,

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from qslm_jax.data import gpt_neox_tokenizer
     from qslm_jax.generation import generate
-    from qslm_jax.qslm.models import load_for_task
-    from qslm_jax.qslm.tasks import get_task
+    from qslm_jax.models.loading import load_for_task
     from qslm_jax.quant.export import load_quantized
+    from qslm_jax.tasks.task import get_task
 
     model, description = load_for_task(args.model, get_task("wikitext2"), checkpoint=args.checkpoint,
                                        cache_dir=args.cache_dir, data_dir=args.data_dir)

@@ -1,8 +1,9 @@
 """Print a model's quantization units (the QSLM paper's Table I) from shapes only: no weights are built.
 
-``python -m experiments.inspect --model spikegpt216m`` lists every block and module with its parameter count and
-MB at fp32 (MB = 10^6 bytes); ``--plan plan.json`` adds the memory under a plan. The model is built with
-``nnx.eval_shape``, so even the 216M preset takes well under a second and no memory.
+``python -m experiments.inspect --model spikegpt216m`` (or any registered preset, e.g. ``spikingbert-small``)
+lists every block and module with its parameter count and MB at fp32 (MB = 10^6 bytes); ``--plan plan.json``
+adds the memory under a plan. The model is built with ``nnx.eval_shape``, so even the 216M preset takes well
+under a second and no memory.
 """
 
 from __future__ import annotations
@@ -15,27 +16,17 @@ from pathlib import Path
 from experiments import names
 from experiments.common import exit_status
 from experiments.formatting import DefaultsFormatter
-from qslm_jax.errors import ConfigError
 
-BERT_PREFIX = "spikingbert-"
-MODELS = (*names.SPIKEGPT_PRESETS, *(BERT_PREFIX + name for name in names.SPIKINGBERT_PRESETS))
+MODELS = names.MODEL_PRESETS
 
 
 def abstract_model(name: str, n_classes: int = 0):
-    """The named preset as an abstract model (``nnx.eval_shape``: shapes, no weights)."""
-    from flax import nnx
+    """The named preset (any registered family) as an abstract model (``nnx.eval_shape``: shapes, no weights);
+    ``n_classes`` > 0 gives it a classifier of that width."""
+    from qslm_jax.models.registry import preset_family
 
-    from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
-    from qslm_jax.models.spikingbert import SPIKINGBERT_PRESETS, SpikingBERT, SpikingBERTConfig
-
-    if name in PRESETS:
-        config = SpikeGPTConfig.preset(name, n_classes=n_classes)
-        return nnx.eval_shape(lambda: SpikeGPT(config, rngs=nnx.Rngs(0)))
-    if name.startswith(BERT_PREFIX) and name[len(BERT_PREFIX):] in SPIKINGBERT_PRESETS:
-        extra = {"num_classes": n_classes} if n_classes else {}
-        config = SpikingBERTConfig.preset(name[len(BERT_PREFIX):], **extra)
-        return nnx.eval_shape(lambda: SpikingBERT(config, rngs=nnx.Rngs(0)))
-    raise ConfigError(f"unknown model {name!r}; choose one of {MODELS}")
+    family = preset_family(name)
+    return family.abstract(family.config(name, n_classes=n_classes or None))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--plan", type=Path, default=None, help="QuantPlan JSON to account for")
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
-    from qslm_jax.quant.hierarchy import hierarchy_of
+    from qslm_jax.models.registry import hierarchy_of
     from qslm_jax.quant.memory import format_table, memory_report
     from qslm_jax.quant.plan import QuantPlan
     from qslm_jax.quant.quantizers import QuantScheme

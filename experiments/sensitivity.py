@@ -43,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from qslm_jax.qslm.models import load_for_task
-    from qslm_jax.qslm.pipeline import QSLMSettings, prepare_evaluation, run_sensitivity, write_sensitivity
+    from qslm_jax.models.loading import load_for_task
+    from qslm_jax.qslm.outputs import write_sensitivity
+    from qslm_jax.qslm.pipeline import prepare_evaluation, run_sensitivity
     from qslm_jax.qslm.report import write_json
-    from qslm_jax.qslm.tasks import get_task
+    from qslm_jax.qslm.settings import QSLMSettings
+    from qslm_jax.tasks.task import get_task
 
     check_search_arguments(args, const_a=args.const_a)
     task = get_task(args.task)

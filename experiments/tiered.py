@@ -77,16 +77,20 @@ def interval_level(text: str) -> float:
 
 
 def _task_and_case(args) -> tuple[str, str | None]:
-    from qslm_jax.qslm.pipeline import CASES
+    """The task and the paper's case whose constraints apply: a case's constraints carry over to any task
+    scored like its own (a1-a3: accuracy, e.g. MRPC and QNLI too; b1-b3: perplexity)."""
+    from qslm_jax.qslm.settings import CASES
+    from qslm_jax.tasks.task import get_task
 
     if args.case is not None:
         case_task = CASES[args.case][0]
-        if args.task is not None and args.task != case_task:
-            raise ConfigError(f"--case {args.case} is a {case_task} case, but --task {args.task} was given")
-        return case_task, args.case
+        if args.task is not None and bool(get_task(args.task).n_classes) != bool(get_task(case_task).n_classes):
+            raise ConfigError(f"--case {args.case} is a {case_task} case, but --task {args.task} is scored "
+                              f"differently: use a{args.case[1]} for classification, b{args.case[1]} for wikitext2")
+        return args.task or case_task, args.case
     task = args.task or "sst2"
     default_case = None if args.const_a is not None and (args.const_m or args.const_m_frac) else \
-        ("a1" if task == "sst2" else "b1")
+        ("a1" if get_task(task).n_classes else "b1")
     return task, default_case
 
 
@@ -98,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from qslm_jax.qslm.models import load_for_task
-    from qslm_jax.qslm.pipeline import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb, run_qslm
-    from qslm_jax.qslm.tasks import get_task
-    from qslm_jax.quant.hierarchy import hierarchy_of
+    from qslm_jax.models.loading import load_for_task
+    from qslm_jax.models.registry import hierarchy_of
+    from qslm_jax.qslm.pipeline import run_qslm
+    from qslm_jax.qslm.settings import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb
+    from qslm_jax.tasks.task import get_task
 
     task_name, case = _task_and_case(args)
     task = get_task(task_name)
@@ -123,7 +128,8 @@ def _run(args) -> int:
                             devices=args.devices, case=case, selection_split=args.selection_split,
                             scheme=scheme_of(args), strategy=args.strategy, stop=not args.no_stop,
                             confidence=args.confidence)
-    out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{case or task.name}"
+    run_name = case if case and CASES[case][0] == task.name else f"{task.name}-{case}" if case else task.name
+    out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{run_name}"
     report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
                             journal_path=args.journal, progress=not args.no_progress)
     print((out / "summary.md").read_text())

@@ -2,7 +2,8 @@
 
 A saved model is a directory holding
 
-* ``model.json``: the format tag, the registered family name of the model (:data:`MODEL_FAMILIES`) and the
+* ``model.json``: the format tag, the registered family name of the model (:data:`MODEL_FAMILIES`, a view of
+  the model-family registry :mod:`qslm_jax.models.registry`) and the
   config fields (a frozen dataclass of JSON values; tuples come back as tuples);
 * ``state/``: an orbax ``StandardCheckpointer`` checkpoint of the model's state as a pure dict.
 
@@ -10,7 +11,7 @@ A saved model is a directory holding
 (:func:`qslm_jax.quant.export.export_quantized`, e.g. a search's ``selection.safetensors``): the file's family and
 config give the architecture, its dequantized tensors the weights.
 
-The contract a model must meet: it is registered in :data:`MODEL_FAMILIES` (its class and config class), has a
+The contract a model must meet: its family is registered (:func:`~qslm_jax.models.registry.register_family`), has a
 dataclass ``model.config`` and a constructor ``Model(config, *, rngs)``; its state must be arrays only (no
 ``nnx.Rngs`` kept as an attribute). :func:`load_model` rebuilds the model abstractly (no random init), checks
 every saved array's name, shape and finiteness against it, then restores.
@@ -36,9 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from converters.checkpoint_io import check_finite, check_keys_and_shapes
 from qslm_jax.errors import ConfigError, ConversionError
-from qslm_jax.models.bert import BERT, BertConfig
-from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
-from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
+from qslm_jax.models import registry
 from qslm_jax.quant.export import QuantizedCheckpoint, load_quantized
 
 FORMAT = "qslm-jax-model/1"
@@ -46,12 +45,22 @@ INFO_FILE = "model.json"
 STATE_DIR = "state"
 
 
+class _RegisteredClasses(Mapping):
+    """family -> (model class, config class) of every registered family, read live from the registry."""
+
+    def __getitem__(self, name: str) -> tuple[type, type]:
+        family = registry.FAMILIES[name]
+        return family.model_class, family.config_class
+
+    def __iter__(self):
+        return iter(registry.FAMILIES)
+
+    def __len__(self) -> int:
+        return len(registry.FAMILIES)
+
+
 # the model classes a saved model may name: family -> (model class, config class)
-MODEL_FAMILIES: dict[str, tuple[type, type]] = {
-    "spikegpt": (SpikeGPT, SpikeGPTConfig),
-    "spikingbert": (SpikingBERT, SpikingBERTConfig),
-    "bert": (BERT, BertConfig),
-}
+MODEL_FAMILIES: Mapping[str, tuple[type, type]] = _RegisteredClasses()
 
 
 def _qualified_name(cls: type) -> str:
@@ -60,11 +69,7 @@ def _qualified_name(cls: type) -> str:
 
 def family_of(model: nnx.Module) -> str:
     """The registered family name of ``model``'s class; :class:`ConfigError` for an unregistered class."""
-    for name, (model_cls, _) in MODEL_FAMILIES.items():
-        if type(model) is model_cls:
-            return name
-    raise ConfigError(f"{type(model).__name__} is not a registered model family ({sorted(MODEL_FAMILIES)}): "
-                      "add it to qslm_jax.model_io.MODEL_FAMILIES to save it")
+    return registry.family_of(model).name
 
 
 def _registered_classes(info: Mapping[str, Any], where: Path) -> tuple[type, type]:

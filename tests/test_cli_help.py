@@ -92,18 +92,19 @@ def test_the_names_the_parsers_offer_are_the_librarys():
     """experiments.names (plain data, so that parsers need no JAX) agrees with every table it mirrors."""
     from qslm_jax.equilibrium.memory import METHODS
     from qslm_jax.equilibrium.solvers import SOLVERS
-    from qslm_jax.equilibrium.train import KDObjective
+    from qslm_jax.equilibrium.student import KDObjective
+    from qslm_jax.finetune.finetuning import EMBEDDED_PRESET
+    from qslm_jax.models.registry import all_presets
     from qslm_jax.models.spikegpt import MODES, PRESETS
     from qslm_jax.models.spikingbert import GRADIENT_POINTS, SPIKINGBERT_PRESETS
-    from qslm_jax.qslm import pipeline, selection
-    from qslm_jax.qslm.finetuning import EMBEDDED_PRESET
-    from qslm_jax.qslm.tasks import TASKS
+    from qslm_jax.qslm import selection, settings
     from qslm_jax.quant.quantizers import QuantScheme
+    from qslm_jax.tasks.task import TASKS
 
     mirrored = {"SPIKEGPT_PRESETS": PRESETS, "SPIKINGBERT_PRESETS": SPIKINGBERT_PRESETS,
-                "EMBEDDED_PRESET": EMBEDDED_PRESET, "MODES": MODES, "TASKS": TASKS, "CASES": pipeline.CASES,
-                "STRATEGIES": pipeline.STRATEGIES, "DEFAULT_LEVELS": pipeline.DEFAULT_LEVELS,
-                "SELECTION_SPLITS": pipeline.SELECTION_SPLITS, "ALPHAS": selection.ALPHAS,
+                "MODEL_PRESETS": all_presets(), "EMBEDDED_PRESET": EMBEDDED_PRESET, "MODES": MODES, "TASKS": TASKS,
+                "CASES": settings.CASES, "STRATEGIES": settings.STRATEGIES, "DEFAULT_LEVELS": settings.DEFAULT_LEVELS,
+                "SELECTION_SPLITS": settings.SELECTION_SPLITS, "ALPHAS": selection.ALPHAS,
                 "SCHEMES": QuantScheme.PRESETS, "SOLVERS": SOLVERS, "GRADIENT_POINTS": GRADIENT_POINTS,
                 "KD_OBJECTIVES": KDObjective.PRESETS, "MEMORY_METHODS": METHODS}
     offered = {name: value for name, value in vars(names).items() if name.isupper()}

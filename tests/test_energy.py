@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qslm_jax.equilibrium.train import energy_report
+from qslm_jax.energy import HOROWITZ_45NM_PJ, LayerOps, estimate_energy, mean_tokens_per_sample, op_energy_pj
+from qslm_jax.equilibrium.evaluation import energy_report
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SpikingBERTConfig
-from qslm_jax.qslm.energy import HOROWITZ_45NM_PJ, LayerOps, estimate_energy, mean_tokens_per_sample, op_energy_pj
-from qslm_jax.qslm.pipeline import spikegpt_energy
+from qslm_jax.qslm.energy_estimate import model_energy
 from qslm_jax.quant.hierarchy import hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
 
@@ -113,7 +113,7 @@ def test_spiking_bert_energy_by_hand(feedback):
 def test_spikegpt_energy_counts_the_tokens_of_a_sample():
     """SpikeGPT's Linear layers read real values: MACs only; per sample = per token x tokens."""
     model = SpikeGPT(SpikeGPTConfig(n_layer=1, n_embd=4, vocab_size=10, ctx_len=8, n_classes=2), rngs=nnx.Rngs(0))
-    estimate = spikegpt_energy(model, QuantPlan(), hierarchy_of(model), classify=True, tokens_per_sample=23.5)
+    estimate = model_energy(model, QuantPlan(), hierarchy_of(model), classify=True, tokens_per_sample=23.5)
     c = 4
     macs = 4 * c * c + c * 4 * c + c * c + 4 * c * c  # att key/value/receptance/output, ffn key/receptance/value
     assert estimate["macs_per_token"] == macs and estimate["acs_per_token"] == 0

@@ -12,12 +12,14 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from experiments import evaluate
+from qslm_jax.models.registry import SPIKEGPT
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import evaluate_candidates
-from qslm_jax.qslm.finetuning import metric_of
-from qslm_jax.qslm.tasks import TASKS, get_task, load_task_data
 from qslm_jax.quant.export import export_quantized
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.tasks.data import load_task_data
+from qslm_jax.tasks.metrics import metric_of
+from qslm_jax.tasks.task import TASKS, get_task
 
 # mixed levels: a global default, a block override and a module override below it
 PLAN = QuantPlan(4, blocks={"attention_0": 3}, modules={"attention_1/att.key": 2})
@@ -37,7 +39,7 @@ def _search_metric(model, task_name, eval_limit, batch_size, data_dir) -> float:
     task = get_task(task_name)
     data = load_task_data(task, ctx_len=model.config.ctx_len, eval_batch_size=batch_size, eval_limit=eval_limit,
                           data_dir=data_dir, with_train=False)
-    return evaluate_candidates(model, [PLAN], data.eval_batches, metric_of(task), chunk_size=8)[0]
+    return evaluate_candidates(model, [PLAN], data.eval_batches, metric_of(task, SPIKEGPT), chunk_size=8)[0]
 
 
 @pytest.mark.slow

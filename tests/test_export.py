@@ -27,6 +27,7 @@ from qslm_jax.quant.export import (
     unpack_trits,
 )
 from qslm_jax.quant.hierarchy import hierarchy_of
+from qslm_jax.quant.memory import memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import QuantScheme
 
@@ -63,7 +64,7 @@ def test_round_trip_is_bit_exact_and_size_matches_accounting(model, tmp_path, le
     loaded = load_quantized(summary.path)
     _assert_bit_identical(loaded.params, _params(quantize_model(model, plan, hierarchy)))
     # payload (packed codes + 8 bytes per scale group + fp32 vectors) is exactly the accounted memory
-    assert summary.payload_bytes == summary.memory_bytes == hierarchy.memory_bytes(plan)
+    assert summary.payload_bytes == summary.memory_bytes == memory_bytes(hierarchy, plan)
     assert summary.file_bytes == summary.payload_bytes + _header_bytes(summary.path)
     assert summary.header_bytes == _header_bytes(summary.path)
     assert summary.memory_bytes < hierarchy.fp32_bytes * (level / 32 + 0.1)
@@ -83,7 +84,7 @@ def test_mixed_plan_symmetric_and_model_reload(model, tmp_path):
     restored = loaded.apply_to(SpikeGPT(CONFIG, rngs=nnx.Rngs(99)))
     idx = np.arange(12, dtype=np.int32).reshape(2, 6)
     np.testing.assert_array_equal(restored(idx), quantized(idx))
-    assert summary.payload_bytes == hierarchy.memory_bytes(plan)
+    assert summary.payload_bytes == memory_bytes(hierarchy, plan)
 
 
 SLOW = pytest.mark.slow  # ~15-25 s each on a loaded 2-core CPU (compilation of every tensor shape)
@@ -102,7 +103,7 @@ def test_every_scheme_round_trips_bit_exactly(model, tmp_path, scheme):
     summary = export_quantized(model, plan, tmp_path / "s.safetensors", hierarchy=hierarchy)
     loaded = load_quantized(summary)
     _assert_bit_identical(loaded.params, _params(quantize_model(model, plan, hierarchy)))
-    assert summary.payload_bytes == summary.memory_bytes == hierarchy.memory_bytes(plan)
+    assert summary.payload_bytes == summary.memory_bytes == memory_bytes(hierarchy, plan)
     assert loaded.scheme == scheme and loaded.plan == plan
 
 

@@ -1,5 +1,5 @@
-"""Extreme-quantization KD training (qslm_jax.equilibrium.train): the STE-quantized student, losses, metrics,
-model size and operation counts, and task data."""
+"""Extreme-quantization KD training (qslm_jax.equilibrium.student / evaluation): the STE-quantized student,
+losses, metrics, model size and operation counts, and task data."""
 
 from __future__ import annotations
 
@@ -10,20 +10,12 @@ import pytest
 from flax import nnx
 
 from qslm_jax.data import bert_tokenizer
-from qslm_jax.equilibrium.train import (
-    KDObjective,
-    classification_counts,
-    classification_metrics,
-    dense_layer_ops,
-    kd_loss,
-    load_task_data,
-    model_size,
-    quantize_encoder,
-    student_layer_ops,
-    student_level,
-)
+from qslm_jax.equilibrium.evaluation import dense_layer_ops, model_size, student_layer_ops
+from qslm_jax.equilibrium.student import KDObjective, kd_loss, quantize_encoder, student_level
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, is_encoder_kernel
+from qslm_jax.tasks.data import load_glue_splits
+from qslm_jax.tasks.scores import classification_counts, classification_metrics
 
 CONFIG = SpikingBERTConfig.preset("tiny", num_blocks=2, T=8)
 
@@ -202,8 +194,8 @@ def test_operation_counts_at_full_firing_equal_T_times_dense():
 
 def test_qnli_trains_on_a_fixed_split_of_dev(data_dir):
     tokenizer = bert_tokenizer(data_dir=data_dir)
-    data = load_task_data("qnli", tokenizer, data_dir=data_dir, max_length=128)
-    again = load_task_data("qnli", tokenizer, data_dir=data_dir, max_length=128, train_limit=100,
+    data = load_glue_splits("qnli", tokenizer, data_dir=data_dir, max_length=128)
+    again = load_glue_splits("qnli", tokenizer, data_dir=data_dir, max_length=128, train_limit=100,
                            eval_limit=50)
     assert (len(data.train), len(data.dev)) == (4370, 1093)  # 5463 dev examples, 20% held out
     assert "split" in data.note and "seed 0" in data.note

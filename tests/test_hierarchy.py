@@ -13,6 +13,7 @@ from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
+from qslm_jax.quant.memory import memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import TERNARY, QuantScheme, level_code
 
@@ -130,9 +131,9 @@ def test_from_spec():
     assert h.numel() == 100 + 64 + 256 + 80 + 10
     assert h.fp32_bytes == 4 * 510
     # 8 bits: one byte per weight + 8 bytes of scale/zero-point per weight tensor; vectors stay fp32
-    assert h.memory_bytes(QuantPlan(8)) == 500 + 4 * 8 + 4 * 10
+    assert memory_bytes(h, QuantPlan(8)) == 500 + 4 * 8 + 4 * 10
     plan = QuantPlan(8).with_module("attention_0/ffn.key", 2)
-    assert h.memory_bytes(plan) == 100 + 64 + 256 // 4 + 80 + 4 * 8 + 40
+    assert memory_bytes(h, plan) == 100 + 64 + 256 // 4 + 80 + 4 * 8 + 40
 
 
 def test_unknown_families_and_paths():

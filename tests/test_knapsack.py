@@ -20,6 +20,7 @@ from qslm_jax.qslm.knapsack import (
     unit_sensitivity_plans,
 )
 from qslm_jax.qslm.selection import select
+from qslm_jax.quant.memory import memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 
 
@@ -66,7 +67,7 @@ def test_knapsack_finds_a_feasible_small_plan(const_a):
     assert result.strategy == "knapsack" and result.used == result.evaluations
     # sensitivity table: baseline + one call of 30 units x 7 levels; then one knapsack call of at most 8 plans
     assert [len(b) for b in model.batches[:3]][:2] == [1, 30 * 7] and len(model.batches[2]) <= 8
-    assert all(c.memory_bytes == hierarchy.memory_bytes(c.plan) for c in result.candidates)
+    assert all(c.memory_bytes == memory_bytes(hierarchy, c.plan) for c in result.candidates)
 
 
 def test_repair_raises_the_unit_that_hurts_most_when_the_prediction_is_wrong():

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from qslm_jax.qslm.ngram import (
+from qslm_jax.finetune.ngram import (
     _bigram_log_probs,
     baseline_perplexities,
     kneser_ney_trigram_log_probs,

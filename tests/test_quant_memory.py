@@ -7,7 +7,7 @@ from flax import nnx
 
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
-from qslm_jax.quant.memory import MB, code_bytes, format_table, memory_report, tensor_bytes
+from qslm_jax.quant.memory import MB, code_bytes, format_table, memory_bytes, memory_report, tensor_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import QuantScheme
 
@@ -25,7 +25,7 @@ def h216():
 def test_fp32_total(h216):
     assert MATRIX_NUMEL + VECTOR_NUMEL == 215_399_424
     assert h216.fp32_bytes == 4 * 215_399_424 == 861_597_696
-    assert h216.memory_bytes(QuantPlan()) == 861_597_696
+    assert memory_bytes(h216, QuantPlan()) == 861_597_696
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -35,7 +35,7 @@ def test_uniform_totals_by_hand(h216, bits):
     expected = MATRIX_NUMEL * bits // 8 + 8 * MATRICES + 4 * VECTOR_NUMEL
     assert expected == {8: 215_865_856, 4: 108_243_712}[bits]
     report = memory_report(h216, QuantPlan(bits))
-    assert report.total_bytes == h216.memory_bytes(QuantPlan(bits)) == expected
+    assert report.total_bytes == memory_bytes(h216, QuantPlan(bits)) == expected
     assert report.saved_percent == pytest.approx(100 * (1 - expected / 861_597_696))
     assert report.total_mb == expected / 1e6
 
@@ -44,7 +44,7 @@ def test_per_channel_adds_a_scale_per_output_row(h216):
     # PyTorch rows: emb V, head V; per block att 4 C, ffn.key 4C, ffn.receptance C, ffn.value C -> 7680
     rows = 2 * V + L * (4 * C + 4 * C + C + C)
     per_channel = h216.with_scheme(QuantScheme.preset("per_channel"))
-    assert per_channel.memory_bytes(QuantPlan(8)) == MATRIX_NUMEL + 8 * rows + 4 * VECTOR_NUMEL == 217_775_184
+    assert memory_bytes(per_channel, QuantPlan(8)) == MATRIX_NUMEL + 8 * rows + 4 * VECTOR_NUMEL == 217_775_184
 
 
 @pytest.mark.parametrize("group_size", [128, 100])
@@ -54,9 +54,9 @@ def test_group_wise_scales_per_run_of_inputs(h216, group_size):
     per_block = 4 * g * C + g * 4 * C + g * C + -(-4 * C // group_size) * C  # att, ffn.key/receptance/value
     groups = 2 * g * V + L * per_block
     grouped = h216.with_scheme(QuantScheme.preset("minmax", group_size=group_size))
-    assert grouped.memory_bytes(QuantPlan(4)) == MATRIX_NUMEL // 2 + 8 * groups + 4 * VECTOR_NUMEL
+    assert memory_bytes(grouped, QuantPlan(4)) == MATRIX_NUMEL // 2 + 8 * groups + 4 * VECTOR_NUMEL
     # binary and ternary keep one scale per tensor
-    assert grouped.memory_bytes(QuantPlan(1)) == h216.memory_bytes(QuantPlan(1))
+    assert memory_bytes(grouped, QuantPlan(1)) == memory_bytes(h216, QuantPlan(1))
 
 
 def test_units_sum_to_total_and_vectors_option(h216):
@@ -69,14 +69,14 @@ def test_units_sum_to_total_and_vectors_option(h216):
     assert report.block_bytes["input"] == V * C + 8 + 4 * 2 * C
     everything = h216.with_scheme(QuantScheme.preset("all_tensors"))
     # quantizing the vectors too: every tensor at 8 bits, 8 bytes per tensor (330 tensors)
-    assert everything.memory_bytes(QuantPlan(8)) == 215_399_424 + 8 * 330
+    assert memory_bytes(everything, QuantPlan(8)) == 215_399_424 + 8 * 330
 
 
 def test_extreme_levels_by_hand():
     h = Hierarchy.from_spec({"encoder_0": {"query": 1000, "key": 999}})
-    assert h.memory_bytes(QuantPlan(1)) == 125 + 125 + 16  # ceil(999 / 8) = 125
-    assert h.memory_bytes(QuantPlan(1.58)) == 200 + 200 + 16  # 5 trits per byte
-    assert h.memory_bytes(QuantPlan(3)) == 375 + 375 + 16  # ceil(2997 / 8) = 375
+    assert memory_bytes(h, QuantPlan(1)) == 125 + 125 + 16  # ceil(999 / 8) = 125
+    assert memory_bytes(h, QuantPlan(1.58)) == 200 + 200 + 16  # 5 trits per byte
+    assert memory_bytes(h, QuantPlan(3)) == 375 + 375 + 16  # ceil(2997 / 8) = 375
     assert code_bytes(10, 1.58) == 2 and tensor_bytes(10, 32) == 40
 
 

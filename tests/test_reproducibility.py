@@ -15,13 +15,13 @@ SCRIPT = """
 import hashlib, json, sys
 import jax, numpy as np
 from flax import nnx
-from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
-from qslm_jax.qslm.models import random_model
-from qslm_jax.qslm.tasks import get_task
+from qslm_jax.finetune.finetuning import RECIPES, Recipe, finetune
+from qslm_jax.models.loading import random_model
+from qslm_jax.tasks.task import get_task
 from qslm_jax.training import TrainConfig
 task = get_task("sst2")
 recipe = Recipe(TrainConfig(steps=12, learning_rate=2e-3, warmup_steps=2, checkpoint_every=0), 8, 16,
-                RECIPES["sst2"].train_data)
+                RECIPES["spikegpt"]["sst2"].train_data)
 metrics = finetune(random_model("spikegpt-micro", task), task, recipe, sys.argv[1], eval_limit=16, progress=False)
 from qslm_jax.model_io import load_model
 leaves = jax.tree.leaves(nnx.state(load_model(sys.argv[1] + "/model")))

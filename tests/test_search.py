@@ -21,6 +21,7 @@ from qslm_jax.qslm.search import (
 )
 from qslm_jax.qslm.selection import select
 from qslm_jax.quant.hierarchy import Hierarchy
+from qslm_jax.quant.memory import memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 
 LEVELS = (8, 6, 4, 2)
@@ -142,10 +143,10 @@ def test_hand_computed_search(higher_is_better):
 def test_candidates_record_memory_ok_and_feasibility():
     hierarchy = small_hierarchy()
     model = DamageModel(hierarchy, DAMAGE)
-    budget_mb = hierarchy.memory_bytes(QuantPlan(6)) / 1e6  # feasible: ok and at most the all-6-bit memory
+    budget_mb = memory_bytes(hierarchy, QuantPlan(6)) / 1e6  # feasible: ok and at most the all-6-bit memory
     result = run(model, const_m=budget_mb)
     for c in result.candidates:
-        assert c.memory_bytes == hierarchy.memory_bytes(c.plan)
+        assert c.memory_bytes == memory_bytes(hierarchy, c.plan)
         assert c.memory_fraction == pytest.approx(c.memory_bytes / hierarchy.fp32_bytes)
         assert c.metric == pytest.approx(model.metric(c.plan))
         assert c.ok == (90 - c.metric <= 2.0)

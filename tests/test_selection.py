@@ -18,6 +18,7 @@ from qslm_jax.qslm.selection import (
     trade_off_score,
     violation,
 )
+from qslm_jax.quant.memory import memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 
 M0 = 400  # baseline memory (bytes) of the hand-made results
@@ -105,7 +106,7 @@ def test_pareto_front():
 
 def test_selection_on_a_real_search():
     hierarchy = small_hierarchy()
-    budget = hierarchy.memory_bytes(QuantPlan(6)) / 1e6
+    budget = memory_bytes(hierarchy, QuantPlan(6)) / 1e6
     result = tiered_search(hierarchy, DamageModel(hierarchy, DAMAGE), levels=LEVELS, const_a=2.0,
                            const_m=budget, higher_is_better=True)
     best = select(result, 0.0).candidate

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from experiments import tiered
-from qslm_jax.qslm import pipeline
+from qslm_jax.qslm import metering, pipeline
 from qslm_jax.qslm.power import PowerMeter
 
 COMMON = ["--model", "spikegpt-micro", "--init", "random", "--levels", "32,4,2", "--no-progress",
@@ -89,7 +89,7 @@ def test_power_per_candidate_uses_slots_and_excludes_compilation(tmp_path, data_
         seen["evaluator"] = ctx.evaluator
         return ctx
 
-    monkeypatch.setattr(pipeline, "PowerMeter", Injected)
+    monkeypatch.setattr(metering, "PowerMeter", Injected)
     monkeypatch.setattr(pipeline, "prepare_evaluation", keep)
     code, report = _run(tmp_path, "--const-a", "50", "--const-m-frac", "0.5", "--selection-split", "same")
     assert code == 0 and report["power"]["measured"]

@@ -5,7 +5,7 @@ Memory comes from XLA's own accounting of the compiled step, ``jax.jit(step).low
 .memory_analysis()``: no step is run, so any size (even the full 768-wide model) can be measured from abstract
 shapes. The step is the one :func:`qslm_jax.training.train` runs: KD loss, gradient, clipped AdamW update.
 
-* implicit: :func:`qslm_jax.equilibrium.train.implicit_forward` - the T-step IF simulation runs without
+* implicit: :func:`qslm_jax.equilibrium.student.implicit_forward` - the T-step IF simulation runs without
   gradients (only running sums are kept) and the gradient comes from the steady-state surrogate at the
   equilibrium, so memory is flat in T;
 * BPTT: :func:`bptt_forward` - the same simulation with the ATan surrogate spike
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qslm_jax.equilibrium.train import Batch, KDObjective, StudentForward, implicit_forward, kd_loss
+from qslm_jax.equilibrium.student import Batch, KDObjective, StudentForward, implicit_forward, kd_loss
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikingbert import SpikingBERT, SpikingBERTConfig, TrainOutput
 from qslm_jax.quant.quantizers import Level

@@ -90,7 +90,8 @@ class SpikingBERTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SpikingBERTConfig:
-        """A named shape: ``full`` (bert-base width), ``small`` (CPU-sized), ``tiny`` (the test fixture's)."""
+        """A named shape: ``full`` (bert-base width), ``small`` (CPU-sized: the extreme-KD student), ``micro``
+        (CLI checks with the real tokenizer), ``tiny`` (the test fixture's)."""
         if name not in SPIKINGBERT_PRESETS:
             raise ConfigError(f"unknown SpikingBERT preset {name!r}: expected one of {sorted(SPIKINGBERT_PRESETS)}")
         return cls(**{**SPIKINGBERT_PRESETS[name], **overrides})
@@ -98,7 +99,10 @@ class SpikingBERTConfig:
 
 SPIKINGBERT_PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(hidden=768, heads=12, intermediate=3072, vocab=30522, max_positions=512),
-    "small": dict(hidden=256, heads=4, intermediate=1024, vocab=30522, max_positions=128, T=16),
+    # the extreme-KD student's shape (experiments.extreme_kd defaults): 4 blocks x 128, bert-base-uncased vocabulary
+    "small": dict(hidden=128, heads=4, intermediate=512, vocab=30522, max_positions=64, T=16),
+    # CLI smoke tests with the real bert-base-uncased tokenizer (seconds on a CPU)
+    "micro": dict(hidden=16, heads=2, intermediate=32, vocab=30522, max_positions=64, T=4, num_blocks=2),
     "tiny": dict(hidden=32, heads=4, intermediate=64, vocab=100, max_positions=64, num_classes=3, T=16),
 }
 

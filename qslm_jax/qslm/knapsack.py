@@ -47,7 +47,7 @@ from qslm_jax.qslm.search import (
     search_levels,
 )
 from qslm_jax.qslm.uncertainty import Bootstrap
-from qslm_jax.quant.memory import MB
+from qslm_jax.quant.memory import MB, memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import FP32, Level
 
@@ -86,11 +86,11 @@ def unit_options(hierarchy: Hierarchy, table: Mapping[str, Mapping[Level, float]
     fp32_bytes = hierarchy.fp32_bytes
     options = {}
     for unit in knapsack_units(hierarchy):
-        row = {FP32: (0.0, float(hierarchy.memory_bytes(QuantPlan()) - fp32_bytes))}
+        row = {FP32: (0.0, float(memory_bytes(hierarchy, QuantPlan()) - fp32_bytes))}
         for q, metric in table[unit].items():
             cost = judge.degradation(metric)
             if math.isfinite(cost):
-                row[q] = (max(0.0, cost), float(hierarchy.memory_bytes(unit_plan(unit, q)) - fp32_bytes))
+                row[q] = (max(0.0, cost), float(memory_bytes(hierarchy, unit_plan(unit, q)) - fp32_bytes))
         options[unit] = row
     return options
 
@@ -215,8 +215,8 @@ def knapsack_search(
             cost, cost_up = (options[unit].get(level, (math.inf, 0.0))[0] for level in (q, up))
             gain = cost - cost_up if math.isfinite(cost_up) else -math.inf  # into a ruled-out level: last
             raised = unit_plan(unit, up, start)
-            if hierarchy.memory_bytes(raised) <= const_m * MB:
-                raises.append((-gain, hierarchy.memory_bytes(raised), unit, up, raised))
+            if memory_bytes(hierarchy, raised) <= const_m * MB:
+                raises.append((-gain, memory_bytes(hierarchy, raised), unit, up, raised))
         if not raises:
             break
         raises.sort(key=lambda r: r[:3])

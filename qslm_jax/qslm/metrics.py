@@ -5,8 +5,10 @@ window), their *sums* per batch (``batch_stats``) and turns the totals over a wh
 (``finalize``), so the result over many batches, chunks or devices is exact, and resampling examples
 (:mod:`qslm_jax.qslm.uncertainty`) needs no second pass:
 
-* :class:`Accuracy` - ``100 * correct / examples`` from ``model.classify(input_ids, attention_mask)``;
-* :class:`Perplexity` - ``exp(total_nll / total_tokens)`` (the QSLM paper's Eq. 2) from ``model(input_ids)``,
+* :class:`Accuracy` - ``100 * correct / examples`` of the logits ``forward(model, batch)`` (the model family's
+  classification output; default ``model.classify(input_ids, attention_mask)``);
+* :class:`Perplexity` - ``exp(total_nll / total_tokens)`` (the QSLM paper's Eq. 2) of ``forward(model, batch)``
+  (default ``model(input_ids)``),
   never a mean of per-batch perplexities; a per-token ``score_mask`` selects the scored tokens (strided windows,
   padding).
 
@@ -17,7 +19,7 @@ Batches are dicts of arrays with fixed shapes, as :mod:`qslm_jax.data` builds th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qslm_jax.errors import DataError
+from qslm_jax.tasks.scores import classification_rows
 
 
 def token_ids(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -35,6 +38,16 @@ def token_ids(batch: Mapping[str, jax.Array]) -> jax.Array:
     if "input_ids" in batch:
         return batch["input_ids"]
     raise DataError(f"a batch needs token ids under 'idx' or 'input_ids', found keys {sorted(batch)}")
+
+
+def classify_logits(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """``model.classify(token ids, attention_mask)``: the classification output of a SpikeGPT-style model."""
+    return model.classify(token_ids(batch), batch["attention_mask"])
+
+
+def language_model_logits(model: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """``model(token ids)``: next-token logits of a SpikeGPT-style model."""
+    return model(token_ids(batch))
 
 
 class Metric(Protocol):
@@ -78,13 +91,12 @@ class Accuracy(_Additive):
     name: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     count: ClassVar[str] = "examples"
+    forward: Callable[[Any, Mapping[str, jax.Array]], jax.Array] = classify_logits
 
     def example_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Per sentence ``b``: ``correct_b = w_b [argmax logits_b == label_b]`` and ``examples_b = w_b``."""
-        logits = model.classify(token_ids(batch), batch["attention_mask"])
-        weight = batch.get("valid", jnp.ones(logits.shape[0], jnp.float32)).astype(jnp.float32)
-        hit = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
-        return {"correct": hit * weight, "examples": weight}
+        counts = classification_rows(self.forward(model, batch), batch["labels"], batch.get("valid"))
+        return {"correct": counts["correct"], "examples": counts["examples"]}
 
     def finalize(self, totals: Mapping[str, float]) -> float:
         """``100 * correct / examples`` (elementwise over arrays of totals)."""
@@ -104,10 +116,11 @@ class Perplexity(_Additive):
     name: ClassVar[str] = "perplexity"
     higher_is_better: ClassVar[bool] = False
     count: ClassVar[str] = "tokens"
+    forward: Callable[[Any, Mapping[str, jax.Array]], jax.Array] = language_model_logits
 
     def example_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Per window ``b``: ``nll_b = -sum_t m_bt log p(targets_bt | idx_b,<=t)`` and ``tokens_b = sum_t m_bt``."""
-        logp = jax.nn.log_softmax(model(token_ids(batch)).astype(jnp.float32), axis=-1)
+        logp = jax.nn.log_softmax(self.forward(model, batch).astype(jnp.float32), axis=-1)
         target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         mask = batch["score_mask"].astype(jnp.float32)
         return {"nll": -jnp.sum(target_logp * mask, axis=-1), "tokens": jnp.sum(mask, axis=-1)}

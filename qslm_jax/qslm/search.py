@@ -2,7 +2,7 @@
 1).
 
 ``evaluate(plans) -> metrics`` is any callable (in practice the vmap-batched model evaluator); memory comes
-from ``hierarchy.memory_bytes(plan)``. ``ok(c)``: accuracy drop ``A_0 - A_c <= const_a``
+from ``memory_bytes(hierarchy, plan)`` (:mod:`qslm_jax.quant.memory`). ``ok(c)``: accuracy drop ``A_0 - A_c <= const_a``
 (``higher_is_better``) or perplexity increase ``P_c - P_0 <= const_a``; ``feasible(c)``: ``ok(c)`` and
 ``memory(c) <= const_m`` (MB = 10^6 B). With ``confidence`` (``--confidence``, a
 :class:`~qslm_jax.qslm.uncertainty.Bootstrap` at that level) ``ok(c)`` also needs the whole paired bootstrap
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from qslm_jax.errors import ConfigError
 from qslm_jax.qslm.journal import Journal
 from qslm_jax.qslm.uncertainty import Bootstrap, Evaluation, Examples
-from qslm_jax.quant.memory import MB
+from qslm_jax.quant.memory import MB, memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import FP32, Level, check_level
 
@@ -188,7 +188,7 @@ class CachedEvaluator:
                 self.cache[key] = metric
                 self.examples[key] = result.examples if isinstance(result, Evaluation) else None
                 if self.journal is not None:
-                    self.journal.record(plan, metric, self.hierarchy.memory_bytes(plan), self.examples[key])
+                    self.journal.record(plan, metric, memory_bytes(self.hierarchy, plan), self.examples[key])
         return [self.cache[plan.key()] for plan in plans]
 
     def examples_of(self, plan: QuantPlan) -> Examples:
@@ -287,7 +287,7 @@ class Judge:
     def candidate(self, plan: QuantPlan, phase: str, unit: str, level: Level, metric: float, *,
                   after_stop: bool = False) -> Candidate:
         """The evaluated ``plan`` with its memory, ``ok`` and feasibility."""
-        memory = self.hierarchy.memory_bytes(plan)
+        memory = memory_bytes(self.hierarchy, plan)
         ok = self.ok(plan, metric)
         return Candidate(plan, phase, unit, level, metric, memory, memory / self.hierarchy.fp32_bytes, ok,
                          ok and memory <= self.const_m * MB, after_stop)

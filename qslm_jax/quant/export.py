@@ -37,7 +37,7 @@ from converters.checkpoint_io import check_finite
 from qslm_jax.errors import ConfigError, ConversionError
 from qslm_jax.quant.apply import clip_ratio_table
 from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of, param_shapes
-from qslm_jax.quant.memory import code_bytes
+from qslm_jax.quant.memory import code_bytes, memory_bytes
 from qslm_jax.quant.plan import QuantPlan
 from qslm_jax.quant.quantizers import (
     FP32,
@@ -161,7 +161,7 @@ def export_quantized(model: nnx.Module, plan: QuantPlan, path: str | Path, *, hi
     path = Path(path)
     save_file(tensors, str(path), metadata=metadata)
     payload = sum(t.nbytes for t in tensors.values())
-    return ExportSummary(path, path.stat().st_size, payload, hierarchy.memory_bytes(plan))
+    return ExportSummary(path, path.stat().st_size, payload, memory_bytes(hierarchy, plan))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,11 @@
 """Network model analysis: the unit tree (global > blocks > modules) of a model (qslm.md section 1).
 
 The tree is derived from the model's parameter paths by per-family rules (:class:`FamilyRules`), never hard-coded
-per checkpoint:
-
-* SpikeGPT: blocks ``input`` (``emb``, ``ln0``), ``attention_0 .. attention_{L-1}`` (``blocks[i]``), ``output``
-  (``ln_out``, ``head``, ``classifier``); modules of an attention block: ``att.key``, ``att.value``,
-  ``att.receptance``, ``att.output``, ``ffn.key``, ``ffn.value``, ``ffn.receptance``. LayerNorms and ``time_*``
-  vectors belong to their block but to no module.
-* SpikingBERT: blocks ``embeddings``, ``encoder_0 .. encoder_3`` (modules ``query``, ``key``, ``value``,
-  ``attention_output``, ``intermediate``, ``output``; the LayerNorms belong to the block) and ``head``
-  (``fit_dense``, ``classifier`` and the top-level ``feedback`` Linear, which maps the last block back to the first
-  and is disabled in the released reference).
+per checkpoint. The rules of each family live in its entry of the model-family registry
+(:mod:`qslm_jax.models.registry`), which registers them here (:func:`register_rules`); this module holds only the
+structure. A tensor may have a *fixed* level (:meth:`Hierarchy.with_fixed_levels`: e.g. the 1/1.58-bit kernels of
+an extreme-KD student): it keeps that level under every plan, and units left with nothing to quantize leave the
+tree, so a search covers only the rest.
 
 A tensor is a *weight matrix* (quantizable) when at least two of its dimensions exceed 1 (Linear kernels,
 embeddings, head, classifier); other tensors are vectors, fp32 unless the scheme quantizes vectors too.
@@ -27,9 +22,8 @@ import numpy as np
 from flax import nnx
 
 from qslm_jax.errors import ConfigError
-from qslm_jax.quant.memory import memory_report, tensor_bytes
 from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.quant.quantizers import FP32, Level, QuantScheme, grid_shape, kind_of, level_code
+from qslm_jax.quant.quantizers import FP32, Level, QuantScheme, check_level, grid_shape, kind_of, level_code
 
 Path = tuple[str | int, ...]
 DEFAULT_SCHEME = QuantScheme()  # asymmetric min-max, per tensor, vectors fp32
@@ -49,6 +43,7 @@ class TensorInfo:
     module: str = ""
     matrix: bool = True
     channel_axis: int | None = None
+    fixed: Level | None = None  # a level kept under every plan (None: the plan decides)
 
     @property
     def numel(self) -> int:
@@ -96,7 +91,7 @@ class FamilyRules:
                     return block, f"{block}/{'.'.join(sub)}"
             return block, ""
         raise ConfigError(f"parameter {'.'.join(map(str, path))} matches no unit of the {self.name} hierarchy; "
-                          f"extend its FamilyRules in qslm_jax/quant/hierarchy.py")
+                          f"extend the rules of its entry in qslm_jax/models/registry.py")
 
     def module_rank(self, module: str) -> int:
         """Position of a qualified module in :attr:`modules` (-1 for block-level tensors)."""
@@ -110,30 +105,12 @@ class FamilyRules:
         return tuple(b for b in (*self.before, *repeated, *self.after) if b in blocks)
 
 
-SPIKEGPT_RULES = FamilyRules(
-    name="spikegpt",
-    anchor="emb",
-    top_level={"emb": "input", "ln0": "input", "ln_out": "output", "head": "output", "classifier": "output"},
-    repeated="blocks",
-    prefix="attention_",
-    modules=(("att", "key"), ("att", "value"), ("att", "receptance"), ("att", "output"),
-             ("ffn", "key"), ("ffn", "value"), ("ffn", "receptance")),
-    before=("input",),
-    after=("output",),
-)
+FAMILIES: dict[str, FamilyRules] = {}  # family name -> rules, filled by the model-family registry
 
-SPIKINGBERT_RULES = FamilyRules(
-    name="spikingbert",
-    anchor="embeddings",
-    top_level={"embeddings": "embeddings", "fit_dense": "head", "classifier": "head", "feedback": "head"},
-    repeated="blocks",
-    prefix="encoder_",
-    modules=(("query",), ("key",), ("value",), ("attention_output",), ("intermediate",), ("output",)),
-    before=("embeddings",),
-    after=("head",),
-)
 
-FAMILIES = {rules.name: rules for rules in (SPIKEGPT_RULES, SPIKINGBERT_RULES)}
+def register_rules(rules: FamilyRules) -> None:
+    """Make ``rules`` known to :func:`hierarchy_of` (called by :func:`qslm_jax.models.registry.register_family`)."""
+    FAMILIES[rules.name] = rules
 
 
 def _is_matrix(shape: tuple[int, ...]) -> bool:
@@ -161,12 +138,12 @@ class Hierarchy:
     family: str = "custom"
 
     def __post_init__(self):
-        unknown = {t.block for t in self.tensors} - set(self.blocks)
+        unknown = {t.block for t in self.tensors if t.fixed is None} - set(self.blocks)
         if unknown:
             raise ConfigError(f"tensors refer to blocks {sorted(unknown)} that are not in {self.blocks}")
         modules: dict[str, list[str]] = {b: [] for b in self.blocks}
         for t in self.tensors:
-            if t.module and t.module not in modules[t.block]:
+            if t.module and t.fixed is None and t.module not in modules[t.block]:
                 modules[t.block].append(t.module)
         object.__setattr__(self, "_modules", {b: tuple(m) for b, m in modules.items()})
 
@@ -213,6 +190,32 @@ class Hierarchy:
         """The same tree under another quantization scheme."""
         return replace(self, scheme=scheme)
 
+    def with_fixed_levels(self, levels: Mapping[Path, Level]) -> Hierarchy:
+        """The tree with the tensors at ``levels``'s paths kept at those levels under every plan.
+
+        A module or block left without a tensor the scheme would quantize (its weight matrices all fixed) leaves
+        the tree, its other tensors fixed at fp32, so no search spends evaluations on a unit that cannot change.
+        Raises :class:`ConfigError` for a path the model does not have.
+        """
+        unknown = sorted(".".join(map(str, p)) for p in set(levels) - {t.path for t in self.tensors})
+        if unknown:
+            raise ConfigError(f"fixed levels name tensors this {self.family} model does not have: {unknown[:5]}")
+        tensors = [replace(t, fixed=check_level(levels[t.path])) if t.path in levels else t for t in self.tensors]
+
+        def free(unit) -> bool:
+            return any(t.fixed is None and self.quantized(t) for t in tensors if unit(t))
+
+        live_blocks = tuple(b for b in self.blocks if free(lambda t, b=b: t.block == b))
+        live_modules = {t.module for t in tensors if t.module and free(lambda u, m=t.module: u.module == m)}
+        tensors = [t if t.fixed is not None or (t.block in live_blocks and (not t.module or t.module in live_modules))
+                   else replace(t, fixed=FP32) for t in tensors]
+        return replace(self, blocks=live_blocks, tensors=tuple(tensors))
+
+    @property
+    def fixed_levels(self) -> dict[str, Level]:
+        """Dotted name -> level of every tensor with a fixed level (journals, reports)."""
+        return {t.name: t.fixed for t in self.tensors if t.fixed is not None}
+
     # --- the tree -----------------------------------------------------------------------------------------------
 
     def modules_of(self, block: str) -> tuple[str, ...]:
@@ -248,6 +251,8 @@ class Hierarchy:
 
     def level_of(self, info: TensorInfo, plan: QuantPlan) -> Level:
         """Effective level of one tensor: its module's, else its block's (32 if the scheme leaves it fp32)."""
+        if info.fixed is not None:
+            return info.fixed
         if not self.quantized(info):
             return FP32
         return plan.module_bits(info.module) if info.module else plan.block_bits(info.block)
@@ -291,16 +296,10 @@ class Hierarchy:
         trees = [self.bits_tree(p) for p in plans]
         return _map_trees(lambda *leaves: np.stack(leaves).astype(np.int32), trees)
 
-    # --- memory -------------------------------------------------------------------------------------------------
-
-    def memory_bytes(self, plan: QuantPlan) -> int:
-        """Weight memory of the model under ``plan`` (qslm.md section 2; see :mod:`qslm_jax.quant.memory`)."""
-        return memory_report(self, plan).total_bytes
-
     @property
     def fp32_bytes(self) -> int:
-        """Memory with every tensor at 32 bits (``4 * numel``)."""
-        return sum(tensor_bytes(t.numel, FP32) for t in self.tensors)
+        """Memory with every tensor at 32 bits (``4 * numel``; :mod:`qslm_jax.quant.memory` does the rest)."""
+        return 4 * self.numel()
 
 
 def _map_trees(fn, trees: list[dict]) -> dict:
@@ -319,7 +318,8 @@ def _family_rules(shapes: Mapping[Path, Any], family: str | None) -> FamilyRules
         if rules.matches(first_names):
             return rules
     raise ConfigError(f"cannot tell the model family from the top-level parameters {sorted(first_names)}; "
-                      f"known families: {sorted(FAMILIES)} (pass family=... or add FamilyRules)")
+                      f"known families: {sorted(FAMILIES)} (pass family=... or register the family: "
+                      "qslm_jax.models.registry.register_family)")
 
 
 def param_shapes(model_or_state: Any) -> dict[Path, tuple[int, ...]]:

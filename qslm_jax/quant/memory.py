@@ -83,10 +83,16 @@ def memory_report(hierarchy: Hierarchy, plan: QuantPlan) -> MemoryReport:
     modules = dict.fromkeys(hierarchy.modules, 0)
     for info in hierarchy.tensors:
         nbytes = tensor_bytes(info.numel, levels[info.path], hierarchy.groups(info, levels[info.path]))
-        blocks[info.block] += nbytes
+        blocks[info.block] = blocks.get(info.block, 0) + nbytes  # fixed-level tensors may sit outside the tree
         if info.module:
-            modules[info.module] += nbytes
+            modules[info.module] = modules.get(info.module, 0) + nbytes
     return MemoryReport(sum(blocks.values()), hierarchy.fp32_bytes, blocks, modules)
+
+
+def memory_bytes(hierarchy: Hierarchy, plan: QuantPlan) -> int:
+    """Weight memory of ``hierarchy``'s model under ``plan``: ``sum over tensors of tensor_bytes`` (qslm.md
+    section 2)."""
+    return memory_report(hierarchy, plan).total_bytes
 
 
 def format_table(hierarchy: Hierarchy, plan: QuantPlan | None = None) -> str:
@@ -105,6 +111,9 @@ def format_table(hierarchy: Hierarchy, plan: QuantPlan | None = None) -> str:
         for module in hierarchy.modules_of(block):
             lines.append(row("  " + module.partition("/")[2], hierarchy.numel(module=module), module,
                              "module_bytes"))
+    for block in fp32.block_bytes:
+        if block not in hierarchy.blocks:  # every tensor at a fixed level (with_fixed_levels)
+            lines.append(row(f"{block} (fixed levels)", hierarchy.numel(block=block), block, "block_bytes"))
     lines.append("-" * len(header))
     total = f"{'total':<34}{hierarchy.numel():>14,}{fp32.total_mb:>12.3f}"
     lines.append(total + (f"{quant.total_mb:>12.3f}  ({quant.saved_percent:.1f}% saved)" if quant else ""))

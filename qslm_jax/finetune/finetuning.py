@@ -1,9 +1,12 @@
-"""Fine-tuning SpikeGPT on a QSLM task, and the cached embedded default model (``spikegpt-small``).
+"""Fine-tuning a model of any registered family on a task, and the cached embedded defaults (``spikegpt-small``,
+``spikingbert-small``).
 
 :func:`finetune` trains with :func:`qslm_jax.training.train` (AdamW, warm-up, clipping, orbax checkpoints under
-``out/train`` so an interrupted run resumes), saves the final model to ``out/model`` and writes
-``out/metrics.json``, ``out/history.json`` and ``out/curve.png``. :func:`embedded_model` returns the default
-model of a task, training it once with :data:`RECIPES` and caching it under ``cache_dir``.
+``out/train`` so an interrupted run resumes) on the task's loss over the family's training forward
+(:mod:`qslm_jax.tasks.losses`; SpikingBERT: equilibrium training, the implicit gradient of the IF network),
+saves the final model to ``out/model`` and writes ``out/metrics.json``, ``out/history.json`` and
+``out/curve.png``. :func:`embedded_model` returns a family's default model of a task, training it once with
+:data:`RECIPES` and caching it under ``cache_dir``.
 """
 
 from __future__ import annotations
@@ -18,22 +21,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from flax import nnx
 
 from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.finetune.ngram import baseline_perplexities
 from qslm_jax.model_io import INFO_FILE, load_model, save_model
-from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
+from qslm_jax.models.registry import SPIKEGPT, ModelFamily, family_of
 from qslm_jax.qslm.evaluator import evaluate_candidates
-from qslm_jax.qslm.metrics import Accuracy, Perplexity
-from qslm_jax.qslm.ngram import baseline_perplexities
 from qslm_jax.qslm.report import plot_training_curve, write_json
-from qslm_jax.qslm.tasks import SST2_SELECTION_EXAMPLES, SST2_SELECTION_SEED, Task, load_task_data, training_loss
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.tasks.data import SELECTION_SEED
+from qslm_jax.tasks.losses import training_loss
+from qslm_jax.tasks.metrics import metric_of
+from qslm_jax.tasks.model_data import check_vocabulary, model_task_data
+from qslm_jax.tasks.task import TASKS, Task
 from qslm_jax.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
-EMBEDDED_PRESET = "spikegpt-small"
+EMBEDDED_PRESET = SPIKEGPT.embedded_preset  # the default --model of the QSLM commands
 CACHE_ENV = "QSLM_CACHE_DIR"
 
 
@@ -47,22 +52,43 @@ class Recipe:
     train_data: str  # what the model is trained on (part of the embedded model's cache key)
 
 
+def _held_out(task: str, label: str) -> str:
+    """What a model trained on ``task``'s train file less its selection rows was trained on."""
+    return (f"GLUE {label} train less the {TASKS[task].selection_examples} held-out selection rows "
+            f"(seed {SELECTION_SEED})")
+
+
+# family -> task -> recipe of the embedded default
 RECIPES = {
-    "sst2": Recipe(TrainConfig(steps=2400, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
-                               clip_norm=1.0, checkpoint_every=200), batch_size=32, eval_batch_size=64,
-                   train_data=f"GLUE SST-2 train less the {SST2_SELECTION_EXAMPLES} held-out selection rows "
-                              f"(seed {SST2_SELECTION_SEED})"),
-    # 400 steps of 16 x 128 tokens: about 4 passes over wiki.valid.raw. Longer overfits the 217k-token set
-    # (1500 steps: training PPL ~26 but test PPL 1952, barely under the unigram's 2060).
-    "wikitext2": Recipe(TrainConfig(steps=400, learning_rate=2e-3, warmup_steps=40, weight_decay=0.01,
-                                    clip_norm=1.0, checkpoint_every=100), batch_size=16, eval_batch_size=8,
-                         train_data="WikiText-2 raw valid"),
+    "spikegpt": {
+        "sst2": Recipe(TrainConfig(steps=2400, learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
+                                   clip_norm=1.0, checkpoint_every=200), batch_size=32, eval_batch_size=64,
+                       train_data=_held_out("sst2", "SST-2")),
+        # 400 steps of 16 x 128 tokens: about 4 passes over wiki.valid.raw. Longer overfits the 217k-token set
+        # (1500 steps: training PPL ~26 but test PPL 1952, barely under the unigram's 2060).
+        "wikitext2": Recipe(TrainConfig(steps=400, learning_rate=2e-3, warmup_steps=40, weight_decay=0.01,
+                                        clip_norm=1.0, checkpoint_every=100), batch_size=16, eval_batch_size=8,
+                            train_data="WikiText-2 raw valid"),
+    },
+    # equilibrium training from random weights (fp32, cross-entropy on the labels): the 4 x 128 SpikingBERT
+    # at T = 16 and 64 tokens costs about 2.2 CPU-seconds per step of 32 (measured under load), so 400 steps
+    # stay within about a quarter of an hour on a 2-core CPU
+    "spikingbert": {
+        task: Recipe(TrainConfig(steps=400, learning_rate=1e-3, warmup_steps=50, weight_decay=0.01, clip_norm=1.0,
+                                 checkpoint_every=100), batch_size=32, eval_batch_size=64, train_data=data)
+        for task, data in (("sst2", _held_out("sst2", "SST-2")), ("mrpc", _held_out("mrpc", "MRPC")),
+                           ("qnli", "QNLI: 80% of GLUE dev (seed 0; no local train split)"))
+    },
 }
 
 
-def metric_of(task: Task) -> Accuracy | Perplexity:
-    """The evaluation metric of ``task`` (accuracy in % or perplexity)."""
-    return Accuracy() if task.n_classes else Perplexity()
+def recipe_for(family: ModelFamily, task: Task) -> Recipe:
+    """The embedded-default recipe of ``family`` on ``task`` (ConfigError when it has none)."""
+    recipe = RECIPES.get(family.name, {}).get(task.name)
+    if recipe is None:
+        raise ConfigError(f"no embedded {family.name} default for {task.name}: the recipes cover "
+                          f"{sorted(RECIPES.get(family.name, {}))}; pass a trained --model instead")
+    return recipe
 
 
 def default_cache_dir() -> Path:
@@ -70,25 +96,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "qslm_jax"))
 
 
-def evaluate(model: SpikeGPT, task: Task, batches) -> float:
+def evaluate(model: nnx.Module, task: Task, batches) -> float:
     """The fp32 metric of ``model`` on ``batches``."""
-    return evaluate_candidates(model, [QuantPlan()], batches, metric_of(task))[0]
+    return evaluate_candidates(model, [QuantPlan()], batches, metric_of(task, family_of(model)))[0]
 
 
-def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir: str | Path | None = None,
+def finetune(model: nnx.Module, task: Task, recipe: Recipe, out: Path, *, data_dir: str | Path | None = None,
              eval_limit: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``model`` on ``task`` per ``recipe`` into ``out`` (resuming from ``out/train``); returns the metrics.
 
     For wikitext2 the metrics also hold unigram and bigram perplexities of the same training text
-    (:mod:`qslm_jax.qslm.ngram`) as a yardstick.
+    (:mod:`qslm_jax.finetune.ngram`) as a yardstick.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_task_data(task, ctx_len=model.config.ctx_len, train_batch_size=recipe.batch_size,
-                          eval_batch_size=recipe.eval_batch_size, eval_limit=eval_limit, data_dir=data_dir,
-                          seed=recipe.train.seed)
+    data = model_task_data(model, task, train_batch_size=recipe.batch_size, eval_batch_size=recipe.eval_batch_size,
+                           eval_limit=eval_limit, data_dir=data_dir, seed=recipe.train.seed)
     check_vocabulary(model, [data.train_batch_at(0), *data.eval_batches])
-    result = train(model, training_loss(task), data.train_batch_at, recipe.train, checkpoint_dir=out / "train",
+    result = train(model, training_loss(task, family_of(model)), data.train_batch_at, recipe.train,
+                   checkpoint_dir=out / "train",
                    items_per_batch=data.items_per_train_batch, item_unit="example" if task.n_classes else "token",
                    progress=progress, stop_after=stop_after)
     metrics = {"task": task.name, "metric_name": task.metric_name, "protocol": data.protocol,
@@ -114,16 +140,6 @@ def finetune(model: SpikeGPT, task: Task, recipe: Recipe, out: Path, *, data_dir
     save_model(result.model, out / "model", overwrite=True)
     write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def check_vocabulary(model: SpikeGPT, batches) -> None:
-    """:class:`ConfigError` when the data hold token ids the model's embedding does not have (JAX would clamp
-    them silently)."""
-    largest = max(int(np.max(b["idx"])) for b in batches)
-    if largest >= model.config.vocab_size:
-        raise ConfigError(f"the data hold token id {largest} but the model's vocabulary has "
-                          f"{model.config.vocab_size} entries: use a model built for the GPT-NeoX tokenizer "
-                          "(vocab_size 50277, e.g. the spikegpt-small preset)")
 
 
 def read_metrics(path: Path) -> dict:
@@ -155,7 +171,7 @@ def machine_description() -> dict:
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
-def _plot_history(history: list[dict], path: Path, task: Task, config: SpikeGPTConfig, *,
+def _plot_history(history: list[dict], path: Path, task: Task, config, *,
                   eval_metric: float | None = None) -> None:
     """``curve.png``: the loss and the training-batch metric (accuracy in %, perplexity) of ``history``, raw and
     smoothed, with the trained model's evaluation metric (:func:`~qslm_jax.qslm.report.plot_training_curve`)."""
@@ -163,28 +179,30 @@ def _plot_history(history: list[dict], path: Path, task: Task, config: SpikeGPTC
         return
     plot_training_curve(path, history, metric_key="accuracy" if task.n_classes else "perplexity",
                         metric_name=task.metric_name, metric_scale=100.0 if task.n_classes else 1.0,
-                        eval_metric=eval_metric, title=f"fine-tuning SpikeGPT ({config.n_layer} blocks x "
-                                                       f"{config.n_embd} channels) on {task.name}")
+                        eval_metric=eval_metric, title=f"fine-tuning {type(config).__name__.removesuffix('Config')} "
+                                                       f"on {task.name}")
 
 
-def embedded_model(task: Task, *, cache_dir: str | Path | None = None, data_dir: str | Path | None = None,
-                   progress: bool = True) -> tuple[SpikeGPT, dict]:
-    """The embedded default model of ``task`` and its training metrics: loaded from the cache, or trained
-    once with :data:`RECIPES` (``spikegpt-small``, about a quarter of an hour on a 2-core CPU) and cached.
+def embedded_model(task: Task, family: ModelFamily = SPIKEGPT, *, cache_dir: str | Path | None = None,
+                   data_dir: str | Path | None = None, progress: bool = True) -> tuple[nnx.Module, dict]:
+    """The embedded default model of ``family`` on ``task`` and its training metrics: loaded from the cache, or
+    trained once with :data:`RECIPES` (``spikegpt-small`` / ``spikingbert-small``, about a quarter of an hour on
+    a 2-core CPU) and cached.
 
     The cache key covers the preset and the recipe, so changing either trains a new model.
     """
-    recipe = RECIPES[task.name]
-    config = SpikeGPTConfig.preset(EMBEDDED_PRESET, n_classes=task.n_classes)
+    recipe = recipe_for(family, task)
+    preset = family.embedded_preset
+    config = family.config(preset, n_classes=task.n_classes)
     key = hashlib.sha256(json.dumps([dataclasses.asdict(config), _recipe_dict(recipe)], sort_keys=True)
                          .encode()).hexdigest()[:12]
-    out = Path(cache_dir or default_cache_dir()) / f"{EMBEDDED_PRESET}-{task.name}-{key}"
+    out = Path(cache_dir or default_cache_dir()) / f"{preset}-{task.name}-{key}"
     if (out / "model" / INFO_FILE).is_file() and (out / "metrics.json").is_file():
         metrics = read_metrics(out / "metrics.json")
         log.info("using the cached embedded %s model at %s (%s %.4g)", task.name, out, task.metric_name,
                  metrics["metric"])
         return load_model(out / "model"), metrics
-    log.info("training the embedded default %s on %s once (cached in %s)", EMBEDDED_PRESET, task.name, out)
-    model = SpikeGPT(config, rngs=nnx.Rngs(recipe.train.seed))
+    log.info("training the embedded default %s on %s once (cached in %s)", preset, task.name, out)
+    model = family.build(config, recipe.train.seed)
     metrics = finetune(model, task, recipe, out, data_dir=data_dir, progress=progress)
     return load_model(out / "model"), metrics
