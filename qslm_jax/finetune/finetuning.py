@@ -105,8 +105,8 @@ def finetune(model: nnx.Module, task: Task, recipe: Recipe, out: Path, *, data_d
              eval_limit: int | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train ``model`` on ``task`` per ``recipe`` into ``out`` (resuming from ``out/train``); returns the metrics.
 
-    For wikitext2 the metrics also hold unigram and bigram perplexities of the same training text
-    (:mod:`qslm_jax.finetune.ngram`) as a yardstick.
+    For wikitext2 the metrics also hold unigram, interpolated-bigram and Kneser-Ney-trigram perplexities of the
+    same training text (:mod:`qslm_jax.finetune.ngram`) as a yardstick.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
