@@ -17,13 +17,15 @@ from pathlib import Path
 from experiments.common import finite_float, run_main
 from experiments.formatting import DefaultsFormatter
 from qslm_jax.errors import ConfigError
-from qslm_jax.qslm.finetuning import RECIPES, Recipe, finetune
+from qslm_jax.models.spikegpt import PRESETS
+from qslm_jax.qslm.finetuning import Recipe, finetune, recipe_for
 from qslm_jax.qslm.models import resolve_model
 from qslm_jax.qslm.tasks import TASKS, get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.qslm.finetuning)."""
+    """The command-line flags (defaults: the task's recipe, see qslm_jax.qslm.finetuning: the embedded one for a
+    preset from random weights, SpikeGPT's own fine-tuning settings for a pretrained checkpoint)."""
     p = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="spikegpt-small",
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from(args, task_name: str) -> Recipe:
-    base = RECIPES[task_name]
+    """The task's recipe for the weights given (a checkpoint, a reference file or a saved model: the pretrained
+    recipe; a bare preset: the from-scratch one), with the flags that override it."""
+    pretrained = args.checkpoint is not None or args.model not in PRESETS
+    base = recipe_for(task_name, pretrained=pretrained)
     overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
                                                  ("warmup_steps", args.warmup),
                                                  ("checkpoint_every", args.checkpoint_every),
