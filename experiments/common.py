@@ -169,7 +169,7 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     """How much memory a compiled call may use, and the process group of a multi-process (multi-host) run."""
     p.add_argument("--memory-budget-gb", type=finite_float, default=None,
                    help="per-device memory (GB) that sizes the candidate chunk from XLA's memory analysis "
-                        "(default: half the device's memory; on CPU half the RAM)")
+                        "(default: half the device's memory; on CPU half the RAM available)")
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, joining a multi-process run "
                    "(one process per host; default: none, or detected from SLURM / Open MPI / TPU)")
     p.add_argument("--num-processes", type=int, default=None, help="processes in the run (with --coordinator)")

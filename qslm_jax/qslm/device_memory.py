@@ -1,9 +1,11 @@
 """How much memory a device offers the evaluator: the default of ``--memory-budget-gb``.
 
 An accelerator reports its allocator's limit (``device.memory_stats()["bytes_limit"]``); a CPU device shares the
-host's physical RAM with the other CPU devices of its process and with everything else on the host. The default
-budget is :data:`DEFAULT_FRACTION` of that, so the chunk the evaluator sizes from XLA's memory analysis leaves room
-for the host-side copies of the model, the compiler and other processes (nothing is OOM-killed).
+host's physical RAM with the other CPU devices of its process and with everything else on the host, so it counts
+the smaller of the physical RAM and what is available now (``MemAvailable`` of ``/proc/meminfo``). The default
+budget is :data:`DEFAULT_FRACTION` of that, so the chunk the evaluator sizes
+from XLA's memory analysis leaves room for the host-side copies of the model, the compiler and other processes
+(nothing is OOM-killed).
 """
 
 from __future__ import annotations
@@ -18,13 +20,28 @@ DEFAULT_FRACTION = 0.5
 
 
 def device_memory_bytes(device: jax.Device) -> int:
-    """Bytes one ``device`` can hold: its allocator limit, or on a CPU the physical RAM divided among the
-    process's CPU devices."""
+    """Bytes one ``device`` can hold: its allocator limit, or on a CPU the host's RAM (physical, or what is
+    available now if less) divided among the process's CPU devices."""
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    available = available_ram_bytes()
+    if available is not None:
+        ram = min(ram, available)
     return ram // max(1, sum(d.platform == "cpu" for d in jax.local_devices()))
+
+
+def available_ram_bytes() -> int | None:
+    """The host's ``MemAvailable`` (Linux ``/proc/meminfo``: free plus reclaimable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def default_budget_bytes(devices, fraction: float = DEFAULT_FRACTION) -> int:
