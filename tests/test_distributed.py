@@ -48,21 +48,28 @@ def _comparable(report: dict) -> dict:
     return out
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_report_of_one_process(tmp_path, data_dir):
+def _two_processes(out: Path) -> list[str]:
+    """Run the search as two processes into ``out``; their stdouts."""
     port = _free_port()
-    two, one = tmp_path / "two" / "case", tmp_path / "one" / "case"
-    procs = [subprocess.Popen([sys.executable, *SEARCH, "--out", str(two), *_group(port, i)], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, *SEARCH, "--out", str(out), *_group(port, i)], cwd=REPO,
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in (0, 1)]
-    # one process over two devices: the same global mesh of two devices, so the same chunks and calls
-    single = subprocess.run([sys.executable, *SEARCH, "--out", str(one)], cwd=REPO, env=_env(devices=2),
-                            capture_output=True, text=True, timeout=600)
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert "report: written by process 0" in outputs[1][0]
+    return [stdout for stdout, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_report_of_one_process_and_resume_from_its_journal(tmp_path, data_dir):
+    two, one = tmp_path / "two" / "case", tmp_path / "one" / "case"
+    # one process over two devices: the same global mesh of two devices, so the same chunks and calls
+    single = subprocess.Popen([sys.executable, *SEARCH, "--out", str(one)], cwd=REPO, env=_env(devices=2),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = _two_processes(two)
+    _, err = single.communicate(timeout=600)
+    assert single.returncode == 0, err[-3000:]
+    assert "report: written by process 0" in outputs[1]
     a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
     assert b["versions"]["devices"] != a["versions"]["devices"] and len(b["versions"]["devices"]) == 2
     assert _comparable(b) == _comparable(a)
@@ -72,6 +79,11 @@ def test_two_processes_write_the_report_of_one_process(tmp_path, data_dir):
         lines = journal.read_text().splitlines()
         assert len(lines) == 1 + len({json.loads(line)["key"] for line in lines[1:]}), journal
     assert sorted(p.name for p in two.parent.iterdir()) == ["case", "journals"]
+    # a rerun of both processes takes every evaluation from process 0's journal
+    _two_processes(two)
+    again = json.loads((two / "report.json").read_text())
+    assert again["evaluations"] == 0 and again["candidates"] == b["candidates"]
+    assert [run["evaluations"] for run in again["invocations"]] == [b["evaluations"], 0]
 
 
 @pytest.mark.slow
@@ -87,6 +99,32 @@ def test_a_dead_process_stops_the_other_fast_with_a_clear_message(tmp_path, data
     assert survivor.returncode != 0
     assert "another process died" in err or "another task died" in err, err[-3000:]
     assert time.perf_counter() - tic < 150  # the 10 s heartbeat, not JAX's 100 s default or a hang
+
+
+HELPERS = """
+import sys
+from qslm_jax.qslm.distributed import (initialize, min_bytes_over_processes, same_on_every_process,
+                                       share_from_main)
+group = initialize("127.0.0.1:{port}", 2, int(sys.argv[1]), heartbeat_timeout_s=10)
+assert (group.num_processes, group.global_devices) == (2, 2)
+mine = {{"process": group.process_id, "metric": 0.1 + group.process_id}}
+print("SHARED", share_from_main(mine))
+print("SAME", same_on_every_process("setup"), same_on_every_process(f"setup {{group.process_id}}"))
+print("MIN", min_bytes_over_processes(2 ** 40 + 2 ** 20 * (1 + group.process_id)))
+"""
+
+
+@pytest.mark.slow
+def test_process_0_shares_its_values_and_every_process_compares_setups():
+    code = HELPERS.format(port=_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        assert "SHARED {'process': 0, 'metric': 0.1}" in out  # process 0's value, in both
+        assert "SAME True False" in out
+        assert f"MIN {2 ** 40 + 2 ** 20}" in out  # the smaller, in bytes beyond int32
 
 
 def test_the_process_group_flags_are_checked_up_front():

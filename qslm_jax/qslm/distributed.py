@@ -6,7 +6,8 @@ local devices); :func:`initialize` joins them through ``jax.distributed.initiali
 or a multi-host TPU). The evaluator's mesh then spans every process's devices (``jax.devices()``), so each
 compiled call shards its candidates over all of them, and its replicated output gives every process every
 metric. Every process therefore runs the same search and makes the same calls in the same order; what could
-make them differ is shared from process 0: the journal's entries (:func:`share_from_main`). Only process 0
+make them differ is shared from process 0: the journal's entries (:func:`share_from_main`), after a check that
+every process has the same setup (:func:`same_on_every_process`). Only process 0
 writes (journal, report, export); the others write into a scratch directory (:func:`output_dir`) they delete.
 
 A process that dies fails the others fast: a collective with it fails (:func:`collectives`, a
@@ -18,6 +19,7 @@ journal. On CPUs the cross-process collectives are gloo's (``jax_cpu_collectives
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -116,6 +118,22 @@ def share_from_main(value: Any) -> Any:
         size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
         received = multihost_utils.broadcast_one_to_all(data if is_main_process() else np.zeros(size, np.uint8))
     return json.loads(np.asarray(received, np.uint8).tobytes())
+
+
+def same_on_every_process(text: str) -> bool:
+    """Whether every process passed the same ``text`` (compared by the first 8 bytes of its SHA-256, gathered
+    with ``process_allgather``); True in a single-process run."""
+    import jax
+
+    if jax.process_count() == 1:
+        return True
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int32)
+    with collectives():
+        gathered = np.asarray(multihost_utils.process_allgather(digest))
+    return bool((gathered == gathered[0]).all())
 
 
 def min_bytes_over_processes(value: int) -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qslm_jax.errors import ConfigError
-from qslm_jax.qslm.distributed import is_main_process, share_from_main
+from qslm_jax.qslm.distributed import is_main_process, same_on_every_process, share_from_main
 from qslm_jax.quant.plan import QuantPlan
 
 JOURNAL_TAG = "qslm-search"
@@ -126,7 +126,12 @@ class Journal:
 
     def _load(self) -> None:
         """Read (create, repair) the file in process 0; every other process of a multi-process run takes
-        process 0's entries (:func:`~qslm_jax.qslm.distributed.share_from_main`) and never writes."""
+        process 0's entries (:func:`~qslm_jax.qslm.distributed.share_from_main`) and never writes. Every
+        process first checks that all have the same setup (weights, data, protocol: the fingerprint)."""
+        if not same_on_every_process(self.fingerprint):
+            raise ConfigError(f"the processes' evaluation setups differ (this one's fingerprint "
+                              f"{self.fingerprint[:12]}, meta {self.meta}): every process needs the same weights, "
+                              f"data and flags")
         if is_main_process():
             self._read_file()
         self._entries = share_from_main(self._entries)
