@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import platform
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from flax import nnx
 
 from qslm_jax.errors import ConfigError
 from qslm_jax.models.spikegpt import SpikeGPT
+from qslm_jax.qslm.device_memory import memory_budget_bytes
 from qslm_jax.qslm.energy import LayerOps, estimate_energy, mean_tokens_per_sample
 from qslm_jax.qslm.evaluator import Evaluator, stack_batches
 from qslm_jax.qslm.finetuning import check_vocabulary, metric_of
@@ -102,6 +104,7 @@ class QSLMSettings:
     eval_batch_size: int = 32
     chunk_size: int | None = 8
     devices: int | None = None  # number of local devices to shard candidates over (default all)
+    memory_budget_gb: float | None = None  # per device, sizes the chunk (default: device_memory.DEFAULT_FRACTION)
     case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
     selection_split: str = "held-out"  # "held-out": choose on the selection split, report on another; "same"
     scheme: QuantScheme = DEFAULT_SCHEME  # quantizer (--scheme, --group-size); in the journal fingerprint
@@ -127,6 +130,8 @@ class QSLMSettings:
              self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1)),
             ("devices", self.devices, "None or an integer >= 1",
              self.devices is None or (isinstance(self.devices, int) and self.devices >= 1)),
+            ("memory_budget_gb", self.memory_budget_gb, "None or a number > 0 (GB per device)",
+             self.memory_budget_gb is None or (finite(self.memory_budget_gb) and self.memory_budget_gb > 0)),
             ("selection_split", self.selection_split, f"one of {SELECTION_SPLITS}",
              self.selection_split in SELECTION_SPLITS),
             ("levels", self.levels, "at least one level", len(self.levels) >= 1),
@@ -279,9 +284,10 @@ def prepare_evaluation(model: SpikeGPT, task: Task, settings: QSLMSettings, out:
                           eval_limit=settings.eval_limit, data_dir=data_dir, with_train=False, eval_split=split)
     check_vocabulary(model, data.eval_batches)
     if evaluator is None:
-        devices = jax.local_devices()[:settings.devices] if settings.devices else None
+        devices = jax.local_devices()[:settings.devices] if settings.devices else jax.devices()
         evaluator = Evaluator(model, metric_of(task), hierarchy=hierarchy, chunk_size=settings.chunk_size,
-                              devices=devices)
+                              devices=devices,
+                              memory_budget_bytes=memory_budget_bytes(settings.memory_budget_gb, devices))
     meta = {"weights_sha256": parameter_fingerprint(model), "model": model_description, "task": task.name,
             "split": split, "protocol": data.protocol, "eval_items": data.eval_items,
             "data_sha256": data_fingerprint(data.eval_batches), "scheme": repr(hierarchy.scheme)}
@@ -470,9 +476,13 @@ def cost_record(evaluator: Evaluator, sensitivity_computed: int, result: SearchR
     """``report["cost"]``: compiled ``calls``; ``slots`` they computed (padding and discarded speculation
     included); ``evaluations``, the distinct candidates computed whose metric was used (the sensitivity
     table's and those the search reached); their ``useful_fraction`` of the slots; ``discarded`` speculation
-    and ``padding`` slots; ``compilations`` and seconds per phase (compilation apart)."""
+    and ``padding`` slots; ``compilations`` and seconds per phase (compilation apart); ``seconds_per_slot``
+    (sensitivity and search seconds per slot) and this process's ``peak_rss_bytes`` (so far)."""
     evaluations = sensitivity_computed + result.used
-    return {"calls": evaluator.calls, "slots": evaluator.slots, "evaluations": evaluations,
+    evaluating = sensitivity_seconds + sum(result.seconds.values())
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "seconds_per_slot": evaluating / evaluator.slots if evaluator.slots else None,
+            "calls": evaluator.calls, "slots": evaluator.slots, "evaluations": evaluations,
             "useful_fraction": evaluations / evaluator.slots if evaluator.slots else None,
             "discarded": result.evaluations - result.used,
             "padding": evaluator.slots - sensitivity_computed - result.evaluations,
