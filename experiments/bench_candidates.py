@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.timing import MIN_REPEATS, interleaved_seconds, summary, timed
+from experiments.timing import interleaved_seconds, summary, timed
 from qslm_jax.data import strided_windows
-from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import Evaluator, stack_batches
 from qslm_jax.qslm.metrics import Perplexity
 from qslm_jax.quant.apply import quantize_model
@@ -36,21 +36,6 @@ from qslm_jax.quant.plan import QuantPlan
 LEVELS = (16, 12, 8, 6, 4, 3, 2)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``python -m experiments.bench candidates``."""
-    parser.add_argument("--preset", default="spikegpt-small", choices=sorted(PRESETS),
-                        help="model shape (that of the embedded model)")
-    parser.add_argument("--n-layer", type=int, default=None, help="override the preset's")
-    parser.add_argument("--n-embd", type=int, default=None, help="override the preset's")
-    parser.add_argument("--vocab", type=int, default=None, help="override the preset's")
-    parser.add_argument("--ctx-len", type=int, default=None, help="window length, stride half of it (preset's)")
-    parser.add_argument("--tokens", type=int, default=None,
-                        help="length of the random token stream (default: one batch of windows)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per batch")
-    parser.add_argument("--candidates", type=int, default=16, help="plans evaluated by every variant")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 16], help="K: candidates per call")
-    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds (medians reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, tokens and plans")
 
 
 def candidate_plans(hierarchy, n: int, seed: int) -> list[QuantPlan]:

@@ -18,18 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments.timing import MIN_REPEATS, interleaved_seconds, summary, timed
-from qslm_jax.models.spikegpt import MODES, PRESETS, SpikeGPT, SpikeGPTConfig
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The forward benchmark's flags."""
-    parser.add_argument("--preset", default="spikegpt216m", choices=sorted(PRESETS), help="model size")
-    parser.add_argument("--mode", default="gpt", choices=MODES, help="forward quirks")
-    parser.add_argument("--batch", type=int, default=4, help="sequences per forward")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds (medians reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+from experiments.timing import interleaved_seconds, summary, timed
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 
 
 def linear_kernels(state: nnx.State) -> list[jax.Array]:

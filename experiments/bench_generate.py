@@ -25,26 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.timing import MIN_REPEATS, interleaved_seconds, summary, timed
+from experiments.timing import interleaved_seconds, summary, timed
 from qslm_jax.generation import _generate, sample_nucleus
-from qslm_jax.models.spikegpt import MODES, PRESETS, SpikeGPT, SpikeGPTConfig
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 
 TEMPERATURE, TOP_P = 1.0, 0.7
 REFERENCE_RNN_TOKENS_PER_S = 268.0  # issue 17: src/model_run.py, spikegpt-small, 256 new tokens, this CPU
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The generation benchmark's flags."""
-    parser.add_argument("--preset", default="spikegpt-small", choices=sorted(PRESETS), help="model size")
-    parser.add_argument("--mode", default="rnn", choices=MODES, help="forward quirks (rnn: run.py's)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="new tokens per call")
-    parser.add_argument("--quadratic-lengths", type=int, nargs="*", default=[256, 512],
-                        help="lengths at which the re-run-the-forward baseline is timed too")
-    parser.add_argument("--torch-lengths", type=int, nargs="*", default=[256],
-                        help="lengths at which the PyTorch RNN stand-in is timed too (when torch is installed)")
-    parser.add_argument("--prompt-len", type=int, default=16, help="tokens in the (random) prompt")
-    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="timed rounds (medians reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights, prompt and sampling")
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qslm_jax.models.spikegpt import PRESETS, SpikeGPT, SpikeGPTConfig
+from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.quant.apply import clip_ratio_table, quantize_params
 from qslm_jax.quant.hierarchy import Hierarchy, param_shapes
 from qslm_jax.quant.plan import QuantPlan
@@ -35,16 +35,6 @@ from qslm_jax.quant.quantizers import QuantScheme
 MIXED_LEVELS = (8, 1.58, 4, 1, 2, 16, 6, 3)  # one level per candidate, cycled: every quantizer kind occurs
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``python -m experiments.bench quantize``."""
-    parser.add_argument("--preset", default="spikegpt216m", choices=sorted(PRESETS), help="model shape")
-    parser.add_argument("--blocks", nargs="+", default=["input", "attention_0"],
-                        help="blocks whose tensors are quantized (216M: input = 38.6M weights, attention_i = 7.7M)")
-    parser.add_argument("--candidates", type=int, nargs="+", default=[1, 4], help="K: candidates per call")
-    parser.add_argument("--scheme", default="minmax", choices=sorted(QuantScheme.PRESETS), help="quantizer")
-    parser.add_argument("--group-size", type=int, default=None, help="inputs per scale group (group-wise)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up (best is reported)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and plans")
 
 
 def _subset(preset: str, blocks: list[str], scheme: QuantScheme) -> tuple[Hierarchy, dict]:

@@ -4,7 +4,8 @@ and exit statuses.
 Exit statuses of every entry point: 0 success; 1 bad input (a :class:`~qslm_jax.errors.QSLMError`: a flag value
 out of range, missing data or weights, a corrupt file), printed as ``error: ...`` without a traceback; 2 a
 usage error (argparse: unknown flag, malformed value); 3 no feasible candidate (``tiered``: the closest ones are
-listed); 130 interrupted (Ctrl-C; rerunning the same command resumes).
+listed); 4 another process of a multi-process run died (rerun every process to resume); 130 interrupted (Ctrl-C;
+rerunning the same command resumes).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiments import names
-from qslm_jax.errors import ConfigError, QSLMError
+from qslm_jax.errors import ConfigError, DistributedError, QSLMError
 
 # This module is imported while a parser is built: the library (and JAX) only inside the functions that run
 # after parsing, so that ``--help`` answers at once.
 
 EXIT_BAD_INPUT = 1
 EXIT_USAGE = 2
+EXIT_PROCESS_LOST = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -90,6 +92,11 @@ def run_main(body: Callable[[], int], *, resume_hint: str | None = None) -> int:
     configure_logging()
     try:
         return body()
+    except DistributedError as err:
+        from qslm_jax.qslm.distributed import exit_now
+
+        print(f"error: {err}", file=sys.stderr)
+        exit_now(EXIT_PROCESS_LOST)  # JAX's shutdown barrier would wait for the lost process
     except QSLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -184,6 +191,30 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
                    "(else $QSLM_CACHE_DIR or ~/.cache/qslm_jax)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (--init random) and new heads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_scale_arguments(p: argparse.ArgumentParser) -> None:
+    """How much memory a compiled call may use, and the process group of a multi-process (multi-host) run."""
+    p.add_argument("--memory-budget-gb", type=finite_float, default=None,
+                   help="per-device memory (GB) that sizes the candidate chunk from XLA's memory analysis "
+                        "(default: half the device's memory; on CPU half the RAM available)")
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0, joining a multi-process run "
+                   "(one process per host; default: none, or detected from SLURM / Open MPI / TPU)")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the run (with --coordinator)")
+    p.add_argument("--process-id", type=int, default=None, help="this process's id, 0 .. N-1 (0 writes)")
+    p.add_argument("--heartbeat-timeout", type=int, default=20,
+                   help="seconds after which the others stop when a process stops answering")
+
+
+def join_processes(args):
+    """Join the process group ``args`` describe (:func:`qslm_jax.qslm.distributed.initialize`; before any JAX
+    computation); returns the :class:`~qslm_jax.qslm.distributed.ProcessGroup`."""
+    from qslm_jax.qslm.distributed import initialize
+
+    if args.memory_budget_gb is not None and not args.memory_budget_gb > 0:
+        raise ConfigError(f"--memory-budget-gb must be > 0, found {args.memory_budget_gb}")
+    return initialize(args.coordinator, args.num_processes, args.process_id,
+                      heartbeat_timeout_s=args.heartbeat_timeout)
 
 
 def scheme_of(args):

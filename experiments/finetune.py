@@ -20,7 +20,8 @@ from experiments.formatting import DefaultsFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags (defaults: the embedded recipe of the task, see qslm_jax.finetune.finetuning)."""
+    """The command-line flags (defaults: the task's recipe, see qslm_jax.finetune.finetuning: the embedded one for
+    a preset from random weights, SpikeGPT's own fine-tuning settings for a pretrained checkpoint)."""
     p = argparse.ArgumentParser(prog="python -m experiments.finetune", description=__doc__,
                                 formatter_class=DefaultsFormatter)
     p.add_argument("--model", default="spikegpt-small",
@@ -47,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from(args, task):
+    """The task's recipe for the weights given (a checkpoint, a reference file or a saved model: the pretrained
+    recipe; a bare preset: the from-scratch one), with the flags that override it."""
     from qslm_jax.finetune.finetuning import Recipe, recipe_for
     from qslm_jax.models.registry import SPIKEGPT, all_presets, preset_family
 
     family = preset_family(args.model) if args.model in all_presets() else SPIKEGPT
-    base = recipe_for(family, task)
+    pretrained = args.checkpoint is not None or args.model not in all_presets()
+    base = recipe_for(family, task, pretrained=pretrained)
     overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
                                                  ("warmup_steps", args.warmup),
                                                  ("checkpoint_every", args.checkpoint_every),

@@ -21,10 +21,12 @@ from pathlib import Path
 from experiments import names
 from experiments.common import (
     add_model_and_evaluation_arguments,
+    add_scale_arguments,
     as_list,
     check_search_arguments,
     eval_batch_size,
     finite_float,
+    join_processes,
     parse_levels,
     run_main,
     scheme_of,
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "change vs fp32 is within --const-a; default: the paper's rule on the point estimate. "
                         "Reports show intervals at this level (95%% without it)")
     add_model_and_evaluation_arguments(p)
+    add_scale_arguments(p)
     return p
 
 
@@ -104,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from qslm_jax.models.loading import load_for_task
     from qslm_jax.models.registry import hierarchy_of
+    from qslm_jax.qslm.distributed import is_main_process, output_dir
     from qslm_jax.qslm.pipeline import run_qslm
     from qslm_jax.qslm.settings import CASES, EXIT_NO_FEASIBLE, QSLMSettings, case_budget_mb
     from qslm_jax.tasks.task import get_task
 
+    join_processes(args)
     task_name, case = _task_and_case(args)
     task = get_task(task_name)
     const_a = args.const_a if args.const_a is not None else CASES[case][1]
@@ -125,17 +130,17 @@ def _run(args) -> int:
     settings = QSLMSettings(const_a=const_a, const_m_mb=const_m, levels=args.levels, alpha=args.alpha,
                             alphas=args.alphas, eval_limit=args.eval_limit,
                             eval_batch_size=eval_batch_size(args, task), chunk_size=args.chunk_size,
-                            devices=args.devices, case=case, selection_split=args.selection_split,
-                            scheme=scheme_of(args), strategy=args.strategy, stop=not args.no_stop,
-                            confidence=args.confidence)
+                            devices=args.devices, memory_budget_gb=args.memory_budget_gb, case=case,
+                            selection_split=args.selection_split, scheme=scheme_of(args), strategy=args.strategy,
+                            stop=not args.no_stop, confidence=args.confidence)
     run_name = case if case and CASES[case][0] == task.name else f"{task.name}-{case}" if case else task.name
-    out = args.out or Path("runs") / f"tiered-{Path(args.model).name}-{run_name}"
-    report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
-                            journal_path=args.journal, progress=not args.no_progress)
-    print((out / "summary.md").read_text())
+    with output_dir(args.out or Path("runs") / f"tiered-{Path(args.model).name}-{run_name}") as out:
+        report, code = run_qslm(model, task, settings, out, model_description=description, data_dir=args.data_dir,
+                                journal_path=args.journal, progress=not args.no_progress)
+        print((out / "summary.md").read_text())
     if code == EXIT_NO_FEASIBLE:
         print(json.dumps(report["no_feasible"]["closest"], indent=1), file=sys.stderr)
-    print(f"report: {out / 'report.json'}")
+    print(f"report: {out / 'report.json'}" if is_main_process() else "report: written by process 0")
     return code
 
 

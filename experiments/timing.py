@@ -9,8 +9,6 @@ from typing import Any
 
 import jax
 
-MIN_REPEATS = 5
-
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Wall-clock seconds of ``fn()`` until its result is ready (``jax.block_until_ready``), and the result."""

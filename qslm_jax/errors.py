@@ -26,3 +26,7 @@ class ConstraintError(QSLMError):
 
 class TrainingError(QSLMError):
     """Training cannot go on: a non-finite loss or update (divergence), or no readable checkpoint to resume."""
+
+
+class DistributedError(QSLMError):
+    """A multi-process run cannot go on: another process died or its link failed (rerun every process)."""

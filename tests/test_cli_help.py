@@ -69,7 +69,7 @@ def test_every_flag_has_help_and_states_its_default_once(name, monkeypatch):
 HEAVY = ("jax", "flax", "optax", "orbax", "matplotlib", "torch", "transformers", "datasets")
 _HELP_IN_A_FRESH_INTERPRETER = """
 import contextlib, io, runpy, sys
-sys.argv = ["{name}", "--help"]
+sys.argv = ["{name}", *{sub}, "--help"]
 out = io.StringIO()
 with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
     runpy.run_module("experiments.{name}", run_name="__main__")
@@ -77,15 +77,21 @@ print(out.getvalue().startswith("usage:"), sorted({{m.split(".")[0] for m in sys
 """
 
 
-@pytest.mark.parametrize("name", ENTRY_POINTS)
-def test_help_imports_no_jax(name):
-    """``python -m experiments.X --help`` builds its parser and answers without importing JAX (or any other
-    heavy library): the imports come after parsing, so help is immediate."""
-    code = _HELP_IN_A_FRESH_INTERPRETER.format(name=name, heavy=HEAVY)
+def _help_commands() -> list[tuple[str, list[str]]]:
+    from experiments.bench import SUBCOMMANDS
+
+    return [(name, []) for name in ENTRY_POINTS] + [("bench", [sub]) for sub in SUBCOMMANDS]
+
+
+@pytest.mark.parametrize(("name", "sub"), _help_commands())
+def test_help_imports_no_jax(name, sub):
+    """``python -m experiments.X [sub-command] --help`` builds its parser and answers without importing JAX (or
+    any other heavy library): the imports come after parsing, so help is immediate."""
+    code = _HELP_IN_A_FRESH_INTERPRETER.format(name=name, sub=sub, heavy=HEAVY)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "[]"], f"--help of experiments.{name} imported {done.stdout}"
+    assert done.stdout.split() == ["True", "[]"], f"--help of experiments.{name} {sub} imported {done.stdout}"
 
 
 def test_the_names_the_parsers_offer_are_the_librarys():

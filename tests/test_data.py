@@ -239,3 +239,10 @@ def test_lm_training_batches():
     assert not np.array_equal(batch_at(8)["idx"], b["idx"])
     with pytest.raises(DataError):
         lm_training_batches(tokens[:10], 16, 4)
+
+
+def test_fewer_windows_than_the_batch_size_make_one_unpadded_batch():
+    w = strided_windows(np.arange(100), 32)
+    (batch,) = w.batches(64)
+    assert batch["idx"].shape == (len(w.idx), 32) and w.num_batches(64) == 1
+    assert batch["score_mask"].sum() == 99

@@ -115,3 +115,19 @@ def test_a_model_with_a_smaller_vocabulary_than_the_data_is_refused(tmp_path, ca
     assert finetune.main(["--model", str(small), "--task", "sst2", "--batch-size", "4", "--eval-limit", "8",
                           "--steps", "2", "--no-progress", "--out", str(tmp_path / "out")]) == 1
     assert "vocabulary has 100 entries" in capsys.readouterr().err
+
+
+def test_a_pretrained_checkpoint_gets_spikegpts_fine_tuning_recipe_and_flags_override_it():
+    from experiments.finetune import _recipe_from, build_parser
+
+    def recipe(*argv):
+        return _recipe_from(build_parser().parse_args(list(argv)), "wikitext2")
+
+    scratch = recipe("--model", "spikegpt216m", "--task", "wikitext2")
+    assert scratch.train.learning_rate == 2e-3  # random weights: the embedded default's recipe
+    pretrained = recipe("--model", "spikegpt216m", "--checkpoint", "SpikeGPT-216M.pth", "--task", "wikitext2")
+    assert (pretrained.train.learning_rate, pretrained.batch_size, pretrained.train.warmup_steps) == (3e-6, 12, 0)
+    assert recipe("--model", "SpikeGPT-216M.pth").train.learning_rate == 3e-6  # a reference file is pretrained
+    flags = recipe("--model", "x.pth", "--lr", "1e-5", "--steps", "7", "--batch-size", "4", "--warmup", "2")
+    assert (flags.train.learning_rate, flags.train.steps, flags.batch_size, flags.train.warmup_steps) == \
+        (1e-5, 7, 4, 2)

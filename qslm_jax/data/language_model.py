@@ -50,9 +50,11 @@ class PerplexityWindows:
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         """``{"idx", "targets", "score_mask"}`` of ``batch_size`` windows; the last batch is filled with
-        all-padding windows whose ``score_mask`` is 0."""
+        all-padding windows whose ``score_mask`` is 0. Fewer windows than ``batch_size`` make one batch of
+        just those (no forward pass over padding)."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, found {batch_size}")
+        batch_size = min(batch_size, len(self.idx))
         arrays = {"idx": (self.idx, self.pad_id), "targets": (self.targets, self.pad_id),
                   "score_mask": (self.score_mask, 0)}
         for start in range(0, len(self.idx), batch_size):

@@ -18,11 +18,16 @@ before the first block they differ in); it would need the model split at a layer
 every batch kept, and with the scheduled search's small calls it would save little.
 
 With several devices the candidate axis is sharded over a 1-D mesh (``jit`` + ``NamedSharding``); parameters and
-batches are replicated. The compiled function returns the metric's statistics per example (``(K, n_batches, B)``,
-:meth:`Metric.example_stats`); on the host the padding rows (the metric's ``count`` statistic 0) are dropped and
-the rest summed in float64, so e.g. perplexity over a split is exactly ``exp(sum NLL / sum tokens)``, and the
-per-example statistics (:class:`~qslm_jax.qslm.uncertainty.Evaluation`; a few thousand numbers per plan) serve
-the bootstrap intervals without a second pass.
+batches are replicated. The devices default to every process's (``jax.devices()``): in a multi-process run
+(:mod:`qslm_jax.qslm.distributed`) one call spans every host, and its statistics come back replicated, so every
+process gets every candidate's. With ``model_axis_size`` M the mesh is 2-D, ``(D/M candidates) x (M model)``:
+each parameter is sharded over the model axis on its largest dimension that M divides (replicated if none),
+so a candidate's weights take 1/M of a device (docs/scaling.md). The compiled function returns the metric's
+statistics per example (``(K, n_batches, B)``, :meth:`Metric.example_stats`); on the host the padding rows (the
+metric's ``count`` statistic 0) are dropped and the rest summed in float64, so e.g. perplexity over a split is
+exactly ``exp(sum NLL / sum tokens)``, and the per-example statistics
+(:class:`~qslm_jax.qslm.uncertainty.Evaluation`; a few thousand numbers per plan) serve the bootstrap intervals
+without a second pass.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.qslm.distributed import collectives
 from qslm_jax.qslm.metrics import Metric
 from qslm_jax.qslm.uncertainty import Evaluation
 from qslm_jax.quant.apply import clip_ratio_table, quantize_params
@@ -45,6 +51,7 @@ from qslm_jax.quant.hierarchy import Hierarchy, hierarchy_of
 from qslm_jax.quant.plan import QuantPlan
 
 AXIS = "candidates"
+MODEL_AXIS = "model"
 
 
 def stack_batches(batches: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
@@ -70,35 +77,60 @@ class Evaluator:
     """Evaluates lists of :class:`QuantPlan` on fixed batches with one compiled, vmapped function.
 
     ``chunk_size``: the largest number of candidates per compiled call (rounded up to a multiple of the device
-    count); the smaller compiled sizes are the powers of two below it (module docstring). Without it,
-    ``memory_budget_bytes`` (per device) caps the chunk at what fits by XLA's memory analysis of a one-candidate
-    compile; without either, a call evaluates all its plans at once, so lists of different lengths compile
-    separately.
+    count); the smaller compiled sizes are the powers of two below it (module docstring). ``memory_budget_bytes``
+    (per device) caps the chunk at what fits by XLA's memory analysis of the one-candidate-per-device compile
+    (one of the compiled sizes anyway); without either, a call evaluates all its plans at once, so lists of
+    different lengths compile separately. ``devices`` default: every process's; ``model_axis_size`` M > 1
+    shards the parameters over M devices per candidate group (module docstring).
     """
 
     def __init__(self, model: nnx.Module, metric: Metric, *, hierarchy: Hierarchy | None = None,
                  chunk_size: int | None = None, memory_budget_bytes: int | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, model_axis_size: int = 1):
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, found {chunk_size}")
         self.metric = metric
         self.hierarchy = hierarchy or hierarchy_of(model)
-        self.devices = tuple(devices) if devices else tuple(jax.local_devices())
+        self.devices = tuple(devices) if devices else tuple(jax.devices())
+        if model_axis_size < 1 or len(self.devices) % model_axis_size:
+            raise ConfigError(f"model_axis_size must be >= 1 and divide the {len(self.devices)} devices, found "
+                              f"{model_axis_size}")
         self._chunk_size = chunk_size
         self._budget = memory_budget_bytes
-        self._mesh = Mesh(np.array(self.devices), (AXIS,))
+        self._mesh = Mesh(np.array(self.devices).reshape(-1, model_axis_size), (AXIS, MODEL_AXIS))
         self._replicated = NamedSharding(self._mesh, P())
         self._sharded = NamedSharding(self._mesh, P(AXIS))
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         self._graphdef = graphdef
-        self._params = jax.device_put(nnx.to_pure_dict(params), self._replicated)
+        self._params = jax.device_put(nnx.to_pure_dict(params), self._parameter_shardings(params))
         self._clip = jax.device_put(clip_ratio_table(self._params, self.hierarchy), self._replicated)  # mse scheme
         self._rest = jax.device_put(rest, self._replicated)
-        self._fn = jax.jit(self._candidate_stats, out_shardings=self._sharded)
+        self._fn = jax.jit(self._candidate_stats, out_shardings=self._replicated)
         self._chunk_by_shape: dict[Any, int] = {}
         self._compiled: dict[tuple[Any, int], Any] = {}  # (batch shapes, chunk) -> ahead-of-time executable
         self.calls = self.slots = 0  # compiled calls made and candidate slots they computed (padding included)
         self.compile_seconds = 0.0
+
+    @property
+    def candidate_devices(self) -> int:
+        """The size of the mesh's candidate axis (devices / ``model_axis_size``): chunks are multiples of it."""
+        return self._mesh.shape[AXIS]
+
+    def _parameter_shardings(self, params: Any) -> Any:
+        """Each parameter sharded over the model axis on its largest dimension that the axis size divides;
+        replicated when none does (or with a model axis of 1)."""
+        size = self._mesh.shape[MODEL_AXIS]
+
+        def sharding(leaf):
+            shape = np.shape(leaf)
+            fits = [d for d in np.argsort(shape)[::-1] if size > 1 and shape[d] % size == 0]
+            if not fits:
+                return self._replicated
+            spec = [None] * len(shape)
+            spec[fits[0]] = MODEL_AXIS
+            return NamedSharding(self._mesh, P(*spec))
+
+        return jax.tree.map(sharding, nnx.to_pure_dict(params))
 
     def _candidate_stats(self, params: dict, clip: Any, rest: Any, bits: dict, batches: dict) -> dict:
         """Per-candidate, per-example statistics ``(K, n_batches, B)`` of the plans whose stacked bits are
@@ -123,19 +155,16 @@ class Evaluator:
     def chunk_size(self, n_plans: int, batches: dict | None = None) -> int:
         """The largest number of candidates per compiled call for a list of ``n_plans`` plans (a multiple of
         the device count)."""
-        n_dev = len(self.devices)
-        if self._chunk_size is not None:
-            chunk = self._chunk_size
-        elif self._budget is not None and batches is not None:
-            chunk = min(self._budget_chunk(batches) * n_dev, n_plans)
-        else:
-            chunk = n_plans
+        n_dev = self.candidate_devices
+        chunk = self._chunk_size if self._chunk_size is not None else n_plans
+        if self._budget is not None and batches is not None:
+            chunk = min(self._budget_chunk(batches) * n_dev, chunk)
         return -(-chunk // n_dev) * n_dev
 
     def chunk_sizes(self, n_plans: int, batches: dict | None = None) -> tuple[int, ...]:
         """The compiled sizes a list of ``n_plans`` plans may use, largest first: :meth:`chunk_size` and the
         powers of two below it, times the device count."""
-        n_dev = len(self.devices)
+        n_dev = self.candidate_devices
         largest = self.chunk_size(n_plans, batches)
         sizes, size = {largest}, 1
         while size * n_dev < largest:
@@ -172,16 +201,18 @@ class Evaluator:
         return self._compiled[key]
 
     def _budget_chunk(self, batches: dict) -> int:
-        """Candidates per device that fit ``memory_budget_bytes`` (XLA memory analysis of one candidate)."""
+        """Candidates per device that fit ``memory_budget_bytes`` (XLA's per-device memory analysis of one
+        candidate per device)."""
         key = tuple(sorted((k, v.shape) for k, v in batches.items()))
         if key not in self._chunk_by_shape:
-            analysis = self.memory_analysis(1, batches)
+            stacked = jax.device_put(batches, self._replicated)
+            analysis = self._executable(self.candidate_devices, stacked).memory_analysis()
             fixed = analysis.argument_size_in_bytes  # parameters, batches (replicated on every device)
             per_candidate = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
             if self._budget < fixed + per_candidate:
                 raise ConfigError(f"memory_budget_bytes={self._budget:,} is below one candidate per device "
                                   f"({fixed:,} bytes of parameters and batches + {per_candidate:,} per "
-                                  f"candidate); raise the budget or pass chunk_size")
+                                  f"candidate); raise the budget or shard the parameters (model_axis_size)")
             self._chunk_by_shape[key] = (self._budget - fixed) // per_candidate
         return self._chunk_by_shape[key]
 
@@ -208,8 +239,9 @@ class Evaluator:
         start = 0
         for chunk in chunks:
             bits = jax.device_put(self.hierarchy.stacked_bits(padded[start:start + chunk]), self._sharded)
-            out = jax.device_get(self._executable(chunk, stacked)(self._params, self._clip, self._rest, bits,
-                                                                  stacked))
+            with collectives():
+                out = jax.device_get(self._executable(chunk, stacked)(self._params, self._clip, self._rest, bits,
+                                                                      stacked))
             rows = {k: np.asarray(v, np.float64).reshape(chunk, -1) for k, v in out.items()}
             real = rows[self.metric.count][0] > 0  # data-only: the same rows for every candidate
             examples.extend({k: v[i, real] for k, v in rows.items()} for i in range(chunk))

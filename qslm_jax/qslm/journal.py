@@ -21,7 +21,8 @@ Files that are not journals are refused and never modified (only a missing or em
 journal). A new journal is created atomically (header written to a temporary file, then hard-linked into place,
 which fails if another process got there first), so two processes starting on one path never write two
 headers; reading, repairing and appending hold an exclusive ``flock`` on the file, so a second process waits
-for the first's write to finish rather than interleaving with it.
+for the first's write to finish rather than interleaving with it. In a multi-process run only process 0 reads and
+writes the file; the others hold its entries (:mod:`qslm_jax.qslm.distributed`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.qslm.distributed import is_main_process, same_on_every_process, share_from_main
 from qslm_jax.qslm.uncertainty import Examples, check_examples
 from qslm_jax.quant.plan import QuantPlan
 
@@ -110,6 +112,8 @@ class Journal:
         self._entries[entry["key"]] = entry
 
     def _append(self, obj: Mapping[str, Any]) -> None:
+        if not is_main_process():
+            return
         line = (json.dumps(obj, sort_keys=True) + "\n").encode("utf-8")
         with self._locked("ab") as handle:
             handle.write(line)
@@ -145,6 +149,18 @@ class Journal:
             os.unlink(temporary)
 
     def _load(self) -> None:
+        """Read (create, repair) the file in process 0; every other process of a multi-process run takes
+        process 0's entries (:func:`~qslm_jax.qslm.distributed.share_from_main`) and never writes. Every
+        process first checks that all have the same setup (weights, data, protocol: the fingerprint)."""
+        if not same_on_every_process(self.fingerprint):
+            raise ConfigError(f"the processes' evaluation setups differ (this one's fingerprint "
+                              f"{self.fingerprint[:12]}, meta {self.meta}): every process needs the same weights, "
+                              f"data and flags")
+        if is_main_process():
+            self._read_file()
+        self._entries = share_from_main(self._entries)
+
+    def _read_file(self) -> None:
         if self.path.exists() and not self.path.is_file():
             raise ConfigError(f"journal path {self.path} exists and is not a file: pass a journal file path")
         if not self.path.exists():

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import platform
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +68,13 @@ def cost_record(evaluator: Evaluator, sensitivity_computed: int, result: SearchR
     """``report["cost"]``: compiled ``calls``; ``slots`` they computed (padding and discarded speculation
     included); ``evaluations``, the distinct candidates computed whose metric was used (the sensitivity
     table's and those the search reached); their ``useful_fraction`` of the slots; ``discarded`` speculation
-    and ``padding`` slots; ``compilations`` and seconds per phase (compilation apart)."""
+    and ``padding`` slots; ``compilations`` and seconds per phase (compilation apart); ``seconds_per_slot``
+    (sensitivity and search seconds per slot) and this process's ``peak_rss_bytes`` (so far)."""
     evaluations = sensitivity_computed + result.used
-    return {"calls": evaluator.calls, "slots": evaluator.slots, "evaluations": evaluations,
+    evaluating = sensitivity_seconds + sum(result.seconds.values())
+    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "seconds_per_slot": evaluating / evaluator.slots if evaluator.slots else None,
+            "calls": evaluator.calls, "slots": evaluator.slots, "evaluations": evaluations,
             "useful_fraction": evaluations / evaluator.slots if evaluator.slots else None,
             "discarded": result.evaluations - result.used,
             "padding": evaluator.slots - sensitivity_computed - result.evaluations,

@@ -42,6 +42,7 @@ from flax import nnx
 from qslm_jax.energy import mean_tokens_per_sample
 from qslm_jax.models.loading import STUDENT_BITS
 from qslm_jax.models.registry import family_of, hierarchy_of, student_fixed_levels
+from qslm_jax.qslm.device_memory import memory_budget_bytes
 from qslm_jax.qslm.energy_estimate import model_energy
 from qslm_jax.qslm.evaluator import Evaluator, stack_batches
 from qslm_jax.qslm.journal import Journal, fingerprint
@@ -145,9 +146,10 @@ def prepare_evaluation(model: nnx.Module, task: Task, settings: QSLMSettings, ou
                            data_dir=data_dir, with_train=False, eval_split=split)
     check_vocabulary(model, data.eval_batches)
     if evaluator is None:
-        devices = jax.local_devices()[:settings.devices] if settings.devices else None
+        devices = jax.local_devices()[:settings.devices] if settings.devices else jax.devices()
         evaluator = Evaluator(model, metric_of(task, family_of(model)), hierarchy=hierarchy,
-                              chunk_size=settings.chunk_size, devices=devices)
+                              chunk_size=settings.chunk_size, devices=devices,
+                              memory_budget_bytes=memory_budget_bytes(settings.memory_budget_gb, devices))
     meta = {"weights_sha256": parameter_fingerprint(model), "model": model_description, "task": task.name,
             "split": split, "protocol": data.protocol, "eval_items": data.eval_items,
             "data_sha256": data_fingerprint(data.eval_batches), "scheme": repr(hierarchy.scheme)}

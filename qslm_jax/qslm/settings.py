@@ -47,6 +47,7 @@ class QSLMSettings:
     eval_batch_size: int = 32
     chunk_size: int | None = 8
     devices: int | None = None  # number of local devices to shard candidates over (default all)
+    memory_budget_gb: float | None = None  # per device, sizes the chunk (default: device_memory.DEFAULT_FRACTION)
     case: str | None = None  # the paper's case the constraints come from (reports only; not in journals)
     selection_split: str = "held-out"  # "held-out": choose on the selection split, report on another; "same"
     scheme: QuantScheme = DEFAULT_SCHEME  # quantizer (--scheme, --group-size); in the journal fingerprint
@@ -72,6 +73,8 @@ class QSLMSettings:
              self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1)),
             ("devices", self.devices, "None or an integer >= 1",
              self.devices is None or (isinstance(self.devices, int) and self.devices >= 1)),
+            ("memory_budget_gb", self.memory_budget_gb, "None or a number > 0 (GB per device)",
+             self.memory_budget_gb is None or (finite(self.memory_budget_gb) and self.memory_budget_gb > 0)),
             ("selection_split", self.selection_split, f"one of {SELECTION_SPLITS}",
              self.selection_split in SELECTION_SPLITS),
             ("levels", self.levels, "at least one level", len(self.levels) >= 1),
