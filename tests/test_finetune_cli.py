@@ -119,9 +119,10 @@ def test_a_model_with_a_smaller_vocabulary_than_the_data_is_refused(tmp_path, ca
 
 def test_a_pretrained_checkpoint_gets_spikegpts_fine_tuning_recipe_and_flags_override_it():
     from experiments.finetune import _recipe_from, build_parser
+    from qslm_jax.tasks.task import get_task
 
     def recipe(*argv):
-        return _recipe_from(build_parser().parse_args(list(argv)), "wikitext2")
+        return _recipe_from(build_parser().parse_args(list(argv)), get_task("wikitext2"))
 
     scratch = recipe("--model", "spikegpt216m", "--task", "wikitext2")
     assert scratch.train.learning_rate == 2e-3  # random weights: the embedded default's recipe
