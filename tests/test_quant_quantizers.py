@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -99,6 +99,7 @@ def test_binary_values_and_idempotence(w):
 
 @settings(max_examples=40, deadline=None)
 @given(w=weights)
+@example(w=np.pad(np.full((1, 1), 6.1035156e-05, np.float32), ((0, 5), (0, 9))))  # found by CI: eps dominates
 def test_ternary_values(w):
     wq = np.asarray(_fake(w, TERNARY_CODE))
     gamma = np.mean(np.abs(w), dtype=np.float64)
@@ -110,7 +111,12 @@ def test_ternary_values(w):
     boundary = np.abs(np.abs(w / (gamma + 1e-5)) - 0.5) < 1e-5
     np.testing.assert_array_equal(np.sign(wq)[~boundary], t[~boundary])
     # re-quantizing keeps the trits (the scale mean|Wq| shrinks by the fraction of zeros: absmean is not idempotent)
-    np.testing.assert_array_equal(np.sign(np.asarray(_fake(wq, TERNARY_CODE))), np.sign(wq))
+    # whenever eps does not dominate: a non-zero trit +-g becomes g / (f g + eps) >= 1/2 (f: the fraction of
+    # non-zero trits) exactly when g (2 - f) >= eps; below that (tensors of ~1e-6 magnitude) eps floors the scale
+    # and every trit rounds to 0, as BitNet's formula says
+    magnitude, nonzero = np.max(np.abs(wq)), np.mean(wq != 0)
+    if magnitude * (2 - nonzero) > 1e-5 * (1 + 1e-3):
+        np.testing.assert_array_equal(np.sign(np.asarray(_fake(wq, TERNARY_CODE))), np.sign(wq))
 
 
 def _numpy_minmax(w: np.ndarray, bits: int) -> np.ndarray:
