@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="save a resumable checkpoint every N steps (default: the task's recipe)")
+    p.add_argument("--lm-train-text", choices=names.LM_TRAIN_TEXTS, default=None,
+                   help="wikitext2: what the model trains on: WikiText-2 raw valid alone, or followed by the public "
+                        "GLUE sentences on disk (QNLI dev/test, MRPC; none sharing an 8-word run with WikiText-2 "
+                        "test) (default: the recipe's, wikitext2-valid)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of new weights")
     p.add_argument("--new-head", action="store_true",
                    help="give a model without the task's classifier a new, randomly initialised one "
@@ -50,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _recipe_from(args, task):
     """The task's recipe for the weights given (a checkpoint, a reference file or a saved model: the pretrained
     recipe; a bare preset: the from-scratch one), with the flags that override it."""
-    from qslm_jax.finetune.finetuning import Recipe, recipe_for
+    from qslm_jax.errors import ConfigError
+    from qslm_jax.finetune.finetuning import Recipe, lm_train_description, recipe_for
     from qslm_jax.models.registry import SPIKEGPT, all_presets, preset_family
 
     family = preset_family(args.model) if args.model in all_presets() else SPIKEGPT
@@ -60,8 +65,15 @@ def _recipe_from(args, task):
                                                  ("warmup_steps", args.warmup),
                                                  ("checkpoint_every", args.checkpoint_every),
                                                  ("seed", args.seed)) if value is not None}
+    text = args.lm_train_text or base.lm_train_text
+    if text != base.lm_train_text:
+        if task.n_classes:
+            raise ConfigError(f"--lm-train-text is for language modelling (wikitext2), not {task.name}")
+        train_data = lm_train_description(text)
+    else:
+        train_data = base.train_data
     return Recipe(dataclasses.replace(base.train, **overrides), args.batch_size or base.batch_size,
-                  base.eval_batch_size, base.train_data)
+                  base.eval_batch_size, train_data, text)
 
 
 def main(argv: list[str] | None = None) -> int:

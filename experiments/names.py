@@ -10,6 +10,7 @@ MODEL_PRESETS = ("spikegpt216m", "spikegpt-small", "spikegpt-micro", "spikegpt-t
 EMBEDDED_PRESET = "spikegpt-small"  # finetune.finetuning.EMBEDDED_PRESET
 MODES = ("gpt", "rnn")  # models.spikegpt.MODES
 TASKS = ("sst2", "mrpc", "qnli", "wikitext2")  # tasks.task.TASKS
+LM_TRAIN_TEXTS = ("wikitext2-valid", "wikitext2-valid+glue")  # tasks.data.LM_TRAIN_TEXTS
 CASES = ("a1", "a2", "a3", "b1", "b2", "b3")  # qslm.settings.CASES
 STRATEGIES = ("tiered", "knapsack")  # qslm.settings.STRATEGIES
 DEFAULT_LEVELS = (32, 16, 12, 8, 6, 4, 3, 2)  # qslm.settings.DEFAULT_LEVELS

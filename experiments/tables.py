@@ -57,7 +57,8 @@ def qslm_row(report: Mapping[str, Any]) -> str:
     config, base, sel = report["config"], report["baseline"], report["selection"]
     higher = config["higher_is_better"]
     limit = config.get("eval_limit")
-    task = {"sst2": "SST-2 accuracy", "wikitext2": "WikiText-2 perplexity"}.get(config["task"], config["task"])
+    task = {"sst2": "SST-2 accuracy", "mrpc": "MRPC accuracy", "qnli": "QNLI accuracy",
+            "wikitext2": "WikiText-2 perplexity"}.get(config["task"], config["task"])
     if limit:
         task += f" (first {limit} {'examples' if higher else 'tokens'})"
     drop = "drop" if higher else "increase"
@@ -78,6 +79,8 @@ def qslm_row(report: Mapping[str, Any]) -> str:
                     f"{_metric(held['metrics']['selection'], higher)}")
         if "intervals" in held:  # reports before the bootstrap intervals have none
             held_out += f" ({_change(held['intervals']['selection']['delta_ci'], higher)})"
+        if "f1" in held:  # MRPC: GLUE's F1 beside accuracy
+            held_out += f"; F1 {held['f1']['baseline']:.2f} -> {held['f1']['selection']:.2f}"
     else:
         held_out = "same set (paper's protocol)"
     case = config.get("case") or config["model"].get("case") or "-"  # reports before QSLMSettings.case: in model

@@ -105,10 +105,12 @@ def test_the_names_the_parsers_offer_are_the_librarys():
     from qslm_jax.models.spikingbert import GRADIENT_POINTS, SPIKINGBERT_PRESETS
     from qslm_jax.qslm import selection, settings
     from qslm_jax.quant.quantizers import QuantScheme
+    from qslm_jax.tasks.data import LM_TRAIN_TEXTS
     from qslm_jax.tasks.task import TASKS
 
     mirrored = {"SPIKEGPT_PRESETS": PRESETS, "SPIKINGBERT_PRESETS": SPIKINGBERT_PRESETS,
                 "MODEL_PRESETS": all_presets(), "EMBEDDED_PRESET": EMBEDDED_PRESET, "MODES": MODES, "TASKS": TASKS,
+                "LM_TRAIN_TEXTS": LM_TRAIN_TEXTS,
                 "CASES": settings.CASES, "STRATEGIES": settings.STRATEGIES, "DEFAULT_LEVELS": settings.DEFAULT_LEVELS,
                 "SELECTION_SPLITS": settings.SELECTION_SPLITS, "ALPHAS": selection.ALPHAS,
                 "SCHEMES": QuantScheme.PRESETS, "SOLVERS": SOLVERS, "GRADIENT_POINTS": GRADIENT_POINTS,

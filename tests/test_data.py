@@ -19,8 +19,11 @@ from qslm_jax.data import (
     strided_windows,
     wikitext_windows,
 )
+from qslm_jax.data.extra_text import glue_sentences, word_ngrams
 from qslm_jax.data.wikitext import rows_from_raw
 from qslm_jax.errors import ConfigError, DataError
+from qslm_jax.tasks.data import load_task_data
+from qslm_jax.tasks.task import get_task
 
 # Row counts from shared/data/PROVENANCE.md
 ROWS = {("sst2", "train"): 67_349, ("sst2", "validation"): 872, ("mrpc", "train"): 3_668,
@@ -246,3 +249,45 @@ def test_fewer_windows_than_the_batch_size_make_one_unpadded_batch():
     (batch,) = w.batches(64)
     assert batch["idx"].shape == (len(w.idx), 32) and w.num_batches(64) == 1
     assert batch["score_mask"].sum() == 99
+
+
+def test_glue_sentences_leave_out_every_text_sharing_a_run_with_the_evaluation_text(tmp_path):
+    """Synthetic GLUE files: distinct texts of every source, both sides of a pair, minus the overlapping ones."""
+    for task, files in (("qnli", ("dev", "test")), ("mrpc", ("train", "dev", "test"))):
+        (tmp_path / "glue" / task).mkdir(parents=True)
+        for name in files:
+            if task == "qnli":
+                rows = ["index\tquestion\tsentence\tlabel",
+                        f"0\tWhat is {name}?\tThe river flows north past the old mill in {name}.\tentailment"]
+            else:
+                rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+                        f"1\t1\t2\tShares rose {name} .\tThe cat sat on the mat beside the warm red fire {name} ."]
+            (tmp_path / "glue" / task / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+    evaluation = "an essay in which the cat sat on the mat beside the warm red fire, and more"
+    texts, description = glue_sentences(evaluation, data_dir=tmp_path)
+    assert not any("mat beside" in t for t in texts)  # 8 shared words: left out wherever it appears
+    assert "The river flows north past the old mill in dev." in texts and "What is test?" in texts
+    assert "Shares rose train ." in texts and texts == sorted(set(texts))
+    assert "3 sharing an 8-word run" in description  # the MRPC second sentences of train, dev and test
+    assert word_ngrams("A b c d e f g h i", 8) == {tuple("abcdefgh"), tuple("bcdefghi")}
+
+
+@pytest.mark.slow
+def test_the_supplementary_lm_text_extends_wikitext_valid_and_avoids_test(data_dir, neox):
+    """lm_train_text="wikitext2-valid+glue": WikiText-2 valid first, then sentences none of which shares an
+    8-word run with WikiText-2 test; the evaluation windows are those of the plain recipe."""
+    plain = load_task_data(get_task("wikitext2"), ctx_len=32, tokenizer=neox, data_dir=data_dir, eval_limit=4096)
+    more = load_task_data(get_task("wikitext2"), ctx_len=32, tokenizer=neox, data_dir=data_dir, eval_limit=4096,
+                          lm_train_text="wikitext2-valid+glue")
+    valid = plain.token_streams.train
+    assert len(more.token_streams.train) > 3 * len(valid)
+    np.testing.assert_array_equal(more.token_streams.train[:len(valid) - 1], valid[:-1])
+    np.testing.assert_array_equal(more.token_streams.test, plain.token_streams.test)
+    assert more.protocol == plain.protocol
+    test_runs = word_ngrams(join_rows(load_wikitext_rows("test", data_dir=data_dir)[0], "hf"))
+    texts, _ = glue_sentences("", data_dir=data_dir)
+    kept, _ = glue_sentences(join_rows(load_wikitext_rows("test", data_dir=data_dir)[0], "hf"), data_dir=data_dir)
+    assert not any(word_ngrams(t) & test_runs for t in kept) and 0 < len(texts) - len(kept) < 50
+    with pytest.raises(ConfigError, match="training text"):
+        load_task_data(get_task("wikitext2"), ctx_len=32, tokenizer=neox, data_dir=data_dir,
+                       lm_train_text="wikitext2-train")

@@ -18,7 +18,9 @@ from qslm_jax.data import strided_windows
 from qslm_jax.errors import ConfigError, DataError
 from qslm_jax.models.spikegpt import SpikeGPT, SpikeGPTConfig
 from qslm_jax.qslm.evaluator import Evaluator, evaluate_candidates, stack_batches
+from qslm_jax.qslm.journal import Journal
 from qslm_jax.qslm.metrics import Accuracy, Perplexity, perplexity
+from qslm_jax.qslm.outputs import journaled_f1
 from qslm_jax.quant.apply import quantize_model
 from qslm_jax.quant.plan import QuantPlan
 
@@ -156,6 +158,32 @@ def test_per_example_statistics_sum_to_the_batch_statistics(model, lm_batches):
     assert (sentences.examples["examples"] == 1).all() and len(sentences.examples["examples"]) == 11
     assert set(np.unique(sentences.examples["correct"])) <= {0.0, 1.0}
     assert sentences.metric == pytest.approx(100 * sentences.examples["correct"].mean())
+
+
+def test_f1_counts_travel_with_the_sentences_into_the_journal(model, tmp_path):
+    """Accuracy(f1_counts=True) keeps tp/fp/fn per sentence; the journaled F1 is GLUE's 2tp / (2tp + fp + fn)."""
+    rng = np.random.default_rng(2)
+    batches = [{"idx": rng.integers(2, CONFIG.vocab_size, (4, 12)).astype(np.int32),
+                "attention_mask": np.ones((4, 12), np.int32), "labels": np.array([1, 1, 0, 0], np.int32),
+                "valid": np.array([1, 1, 1, 0], np.float32)} for _ in range(2)]
+    plain = Evaluator(model, Accuracy()).evaluations([QuantPlan()], batches)[0]
+    counted = Evaluator(model, Accuracy(f1_counts=True)).evaluations([QuantPlan()], batches)[0]
+    assert set(counted.examples) == {"correct", "examples", "tp", "fp", "fn"}
+    assert counted.metric == plain.metric
+    np.testing.assert_array_equal(counted.examples["correct"], plain.examples["correct"])
+    labels = np.array([1, 1, 0] * 2)
+    correct = counted.examples["correct"].astype(bool)
+    pred = np.where(correct, labels, 1 - labels)  # two classes: a wrong answer is the other class
+    tp, fp, fn = ((pred == 1) & (labels == 1)).sum(), ((pred == 1) & (labels == 0)).sum(), \
+        ((pred == 0) & (labels == 1)).sum()
+    np.testing.assert_array_equal([counted.examples[k].sum() for k in ("tp", "fp", "fn")], [tp, fp, fn])
+    journal = Journal(tmp_path / "j.jsonl", {"test": "f1"})
+    journal.record(QuantPlan(), counted.metric, 1, counted.examples)
+    expected = 100.0 * 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    assert journaled_f1(Journal(tmp_path / "j.jsonl", {"test": "f1"}), QuantPlan()) == pytest.approx(expected)
+    journal.record(QuantPlan(8), plain.metric, 1, None)
+    with pytest.raises(DataError, match="no F1 counts"):
+        journaled_f1(journal, QuantPlan(8))
 
 
 def test_memory_budget_sets_the_chunk(model, lm_batches):

@@ -48,6 +48,17 @@ def test_wikitext_finetune_reports_ngram_baselines(tmp_path, data_dir):
     assert metrics["metric"] > 1.0
 
 
+def test_wikitext_trains_on_the_supplementary_text_when_asked(tmp_path, data_dir, capsys):
+    metrics = _finetune(["--model", "spikegpt-micro", "--task", "wikitext2", "--lm-train-text",
+                         "wikitext2-valid+glue", "--steps", "2", "--batch-size", "2", "--eval-limit", "100",
+                         "--no-progress", "--out", str(tmp_path / "more")])
+    assert metrics["recipe"]["lm_train_text"] == "wikitext2-valid+glue" and "GLUE" in metrics["recipe"]["train_data"]
+    assert "GLUE sentences" in metrics["baselines"]["note"]
+    assert int(metrics["baselines"]["note"].split("(")[1].split()[0]) > 800_000  # tokens the n-grams counted
+    assert finetune.main([*ARGS, "--lm-train-text", "wikitext2-valid+glue", "--out", str(tmp_path / "c")]) == 1
+    assert "--lm-train-text is for language modelling" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, data_dir):
     steps = ["--steps", "24"]

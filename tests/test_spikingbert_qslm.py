@@ -81,6 +81,10 @@ def test_tiered_cli_on_a_random_spikingbert(tmp_path, data_dir, task, capsys):
     energy = report["energy_estimate"]["baseline"]
     assert energy["spike_driven_layers"] == 2 * 8 and energy["macs_per_token"] == 0  # every Linear reads spikes
     assert len(energy["spike_rates"]) == SPIKINGBERT.config(MICRO).num_neuron_layers
+    f1 = report["report_split"].get("f1")
+    assert (f1 is not None) == (task == "mrpc")  # GLUE reports F1 for MRPC only
+    if f1 is not None:
+        assert set(f1) >= {"baseline", "selection"} and all(0.0 <= v <= 100.0 for v in f1.values())
 
 
 def test_tiered_cli_on_an_extreme_kd_student(tmp_path, data_dir):

@@ -30,7 +30,7 @@ from qslm_jax.models.registry import SPIKEGPT, ModelFamily, family_of
 from qslm_jax.qslm.evaluator import evaluate_candidates
 from qslm_jax.qslm.report import plot_training_curve, write_json
 from qslm_jax.quant.plan import QuantPlan
-from qslm_jax.tasks.data import SELECTION_SEED
+from qslm_jax.tasks.data import LM_TRAIN_TEXTS, SELECTION_SEED
 from qslm_jax.tasks.losses import training_loss
 from qslm_jax.tasks.metrics import metric_of
 from qslm_jax.tasks.model_data import check_vocabulary, model_task_data
@@ -50,12 +50,21 @@ class Recipe:
     batch_size: int
     eval_batch_size: int
     train_data: str  # what the model is trained on (part of the embedded model's cache key)
+    lm_train_text: str = LM_TRAIN_TEXTS[0]  # language modelling: which training text (tasks.data.LM_TRAIN_TEXTS)
 
 
 def _held_out(task: str, label: str) -> str:
     """What a model trained on ``task``'s train file less its selection rows was trained on."""
     return (f"GLUE {label} train less the {TASKS[task].selection_examples} held-out selection rows "
             f"(seed {SELECTION_SEED})")
+
+
+def lm_train_description(text: str) -> str:
+    """What a language model trained on ``text`` (one of :data:`~qslm_jax.tasks.data.LM_TRAIN_TEXTS`) learnt
+    from, in words (a recipe's ``train_data``)."""
+    return {"wikitext2-valid": "WikiText-2 raw valid",
+            "wikitext2-valid+glue": ("WikiText-2 raw valid + the GLUE sentences of QNLI dev/test and MRPC "
+                                     "train/dev/test sharing no 8-word run with WikiText-2 test")}[text]
 
 
 # family -> task -> recipe of the embedded default
@@ -68,7 +77,7 @@ RECIPES = {
         # (1500 steps: training PPL ~26 but test PPL 1952, barely under the unigram's 2060).
         "wikitext2": Recipe(TrainConfig(steps=400, learning_rate=2e-3, warmup_steps=40, weight_decay=0.01,
                                         clip_norm=1.0, checkpoint_every=100), batch_size=16, eval_batch_size=8,
-                            train_data="WikiText-2 raw valid"),
+                            train_data=lm_train_description("wikitext2-valid")),
     },
     # equilibrium training from random weights (fp32, cross-entropy on the labels): the 4 x 128 SpikingBERT
     # at T = 16 and 64 tokens costs about 2.2 CPU-seconds per step of 32 (measured under load), so 400 steps
@@ -135,7 +144,8 @@ def finetune(model: nnx.Module, task: Task, recipe: Recipe, out: Path, *, data_d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = model_task_data(model, task, train_batch_size=recipe.batch_size, eval_batch_size=recipe.eval_batch_size,
-                           eval_limit=eval_limit, data_dir=data_dir, seed=recipe.train.seed)
+                           eval_limit=eval_limit, data_dir=data_dir, seed=recipe.train.seed,
+                           lm_train_text=recipe.lm_train_text)
     check_vocabulary(model, [data.train_batch_at(0), *data.eval_batches])
     result = train(model, training_loss(task, family_of(model)), data.train_batch_at, recipe.train,
                    checkpoint_dir=out / "train",
@@ -160,7 +170,8 @@ def finetune(model: nnx.Module, task: Task, recipe: Recipe, out: Path, *, data_d
     if data.token_streams is not None:
         streams = data.token_streams
         metrics["baselines"] = baseline_perplexities(streams.train, streams.test, streams.vocab_size) | {
-            "note": "trained on WikiText-2 valid, scored on every test token but the first (full test split)"}
+            "note": f"trained on {recipe.train_data} ({len(streams.train)} tokens), scored on every test token but "
+                    "the first (full test split)"}
     save_model(result.model, out / "model", overwrite=True)
     write_json(out / "metrics.json", metrics)
     return metrics
@@ -179,8 +190,11 @@ def read_metrics(path: Path) -> dict:
 
 
 def _recipe_dict(recipe: Recipe) -> dict:
+    """The recipe as recorded (and hashed into the embedded model's cache key); ``lm_train_text`` only when it is
+    not the default, so the keys of models cached before it existed stay valid."""
+    extra = {} if recipe.lm_train_text == LM_TRAIN_TEXTS[0] else {"lm_train_text": recipe.lm_train_text}
     return {"train": dataclasses.asdict(recipe.train), "batch_size": recipe.batch_size,
-            "eval_batch_size": recipe.eval_batch_size, "train_data": recipe.train_data}
+            "eval_batch_size": recipe.eval_batch_size, "train_data": recipe.train_data, **extra}
 
 
 def machine_description() -> dict:

@@ -85,18 +85,23 @@ class Accuracy(_Additive):
     """Classification accuracy in percent.
 
     Batch keys: ``idx`` (B, T) int, ``attention_mask`` (B, T), ``labels`` (B,) int and optionally ``valid``
-    (B,) (0 for the dummy rows that fill the last batch).
+    (B,) (0 for the dummy rows that fill the last batch). ``f1_counts``: also keep each sentence's true/false
+    positive and false negative of the positive class, so F1 (GLUE's MRPC score) can be computed from the same
+    per-example statistics (:func:`qslm_jax.tasks.scores.classification_metrics`); the metric stays accuracy.
     """
 
     name: ClassVar[str] = "accuracy"
     higher_is_better: ClassVar[bool] = True
     count: ClassVar[str] = "examples"
     forward: Callable[[Any, Mapping[str, jax.Array]], jax.Array] = classify_logits
+    f1_counts: bool = False
 
     def example_stats(self, model: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Per sentence ``b``: ``correct_b = w_b [argmax logits_b == label_b]`` and ``examples_b = w_b``."""
+        """Per sentence ``b``: ``correct_b = w_b [argmax logits_b == label_b]`` and ``examples_b = w_b`` (with
+        ``f1_counts``, also ``tp_b``, ``fp_b``, ``fn_b`` of the positive class)."""
         counts = classification_rows(self.forward(model, batch), batch["labels"], batch.get("valid"))
-        return {"correct": counts["correct"], "examples": counts["examples"]}
+        keep = ("correct", "examples", "tp", "fp", "fn") if self.f1_counts else ("correct", "examples")
+        return {k: counts[k] for k in keep}
 
     def finalize(self, totals: Mapping[str, float]) -> float:
         """``100 * correct / examples`` (elementwise over arrays of totals)."""

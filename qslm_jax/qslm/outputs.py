@@ -14,7 +14,9 @@ from typing import Any
 
 import flax
 import jax
+import numpy as np
 
+from qslm_jax.errors import DataError
 from qslm_jax.qslm.evaluator import Evaluator
 from qslm_jax.qslm.journal import Journal
 from qslm_jax.qslm.metering import MeteredEvaluate
@@ -25,6 +27,7 @@ from qslm_jax.qslm.settings import QSLMSettings
 from qslm_jax.qslm.uncertainty import Bootstrap, describe, intervals
 from qslm_jax.quant.hierarchy import Hierarchy
 from qslm_jax.quant.plan import QuantPlan
+from qslm_jax.tasks.scores import classification_metrics
 from qslm_jax.tasks.task import Task
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,15 @@ def interval_fields(journal: Journal, bootstrap: Bootstrap):
     """``plan -> {"metric_ci", "delta_ci"}`` of a plan journaled in ``journal`` (paired with its fp32 plan)."""
     baseline = journal.examples(QuantPlan().key())
     return lambda plan: intervals(bootstrap, journal.examples(plan.key()), baseline)
+
+
+def journaled_f1(journal: Journal, plan: QuantPlan) -> float:
+    """F1 (%) of the positive class, ``100 * 2tp / (2tp + fp + fn)``, from the per-example counts journaled for
+    ``plan`` by an :class:`~qslm_jax.qslm.metrics.Accuracy` with ``f1_counts`` (GLUE's MRPC score)."""
+    examples = journal.examples(plan.key())
+    if examples is None or not {"tp", "fp", "fn"} <= examples.keys():
+        raise DataError(f"the journal {journal.path} holds no F1 counts for plan {plan.key()}")
+    return classification_metrics({k: float(np.sum(v)) for k, v in examples.items()})["f1"]
 
 
 def resampling_unit(task: Task, model) -> str:

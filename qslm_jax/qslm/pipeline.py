@@ -54,6 +54,7 @@ from qslm_jax.qslm.outputs import (
     export_selection,
     interval_fields,
     invocation,
+    journaled_f1,
     previous_invocations,
     write_outputs,
 )
@@ -269,10 +270,13 @@ def score_on_report_split(ctx: EvaluationContext, settings: QSLMSettings, out: P
                                     journal_path=journal_path and report_split_journal_path(journal_path))
     metrics = CachedEvaluator(scored.evaluate, scored.hierarchy, scored.journal)(list(plans.values()))
     ci = interval_fields(scored.journal, settings.bootstrap(ctx.evaluator))
-    return {"split": "report" if settings.selection_split == "held-out" else "same as the search",
-            "protocol": scored.data.protocol, "eval_items": scored.data.eval_items,
-            "metrics": dict(zip(plans, metrics, strict=True)),
-            "intervals": {name: ci(plan) for name, plan in plans.items()}}
+    scores = {"split": "report" if settings.selection_split == "held-out" else "same as the search",
+              "protocol": scored.data.protocol, "eval_items": scored.data.eval_items,
+              "metrics": dict(zip(plans, metrics, strict=True)),
+              "intervals": {name: ci(plan) for name, plan in plans.items()}}
+    if ctx.task.reports_f1:
+        scores["f1"] = {name: journaled_f1(scored.journal, plan) for name, plan in plans.items()}
+    return scores
 
 
 def run_strategy(ctx: EvaluationContext, settings: QSLMSettings, table: dict, order: tuple[str, ...],

@@ -7,9 +7,11 @@
   is GLUE validation. QNLI has no local train split: :func:`load_glue_splits` trains on a fixed 80% of dev,
   and the other 20% is halved into ``selection`` and ``report``.
 * ``wikitext2``: WikiText-2 raw; the model is trained on ``valid`` (the train split is not available on this
-  machine, PROVENANCE.md) and scored on ``test`` by the strided perplexity protocol of qslm.md section 4
-  (lower is better): ``all`` is every test token used, ``selection`` the first half of them and ``report`` the
-  second half (each half its own strided token stream).
+  machine, PROVENANCE.md), or with ``lm_train_text="wikitext2-valid+glue"`` on ``valid`` followed by the public
+  GLUE sentences of :mod:`qslm_jax.data.extra_text` (none sharing an 8-word run with ``test``), and scored on
+  ``test`` by the strided perplexity protocol of qslm.md section 4 (lower is better): ``all`` is every test
+  token used, ``selection`` the first half of them and ``report`` the second half (each half its own strided
+  token stream).
 
 A search chooses on ``selection`` and reports on ``report``, data it never saw (``all`` is the paper's protocol,
 choosing and reporting on one set). ``eval_limit`` keeps the first N examples of the split (classification) or
@@ -35,6 +37,7 @@ from qslm_jax.data import (
     load_wikitext_rows,
     strided_windows,
 )
+from qslm_jax.data.extra_text import glue_sentences
 from qslm_jax.data.glue import TextClassificationSplit, glue_task
 from qslm_jax.data.sources import resolve_data_dir
 from qslm_jax.data.tokenizer import TextTokenizer
@@ -46,6 +49,8 @@ SST2_MAX_LENGTH = TASKS["sst2"].max_length  # GPT-NeoX tokens: all of validation
 SST2_SELECTION_EXAMPLES = TASKS["sst2"].selection_examples  # train rows held out of training, for selection
 SELECTION_SEED = SST2_SELECTION_SEED = 20261201
 EVAL_SPLITS = ("selection", "report", "all")
+# what a language model trains on: WikiText-2 raw valid alone, or followed by the GLUE sentences of extra_text
+LM_TRAIN_TEXTS = ("wikitext2-valid", "wikitext2-valid+glue")
 HELD_OUT_FRACTION = 0.2  # share of dev kept for evaluation when a task has no local train split
 
 
@@ -139,15 +144,20 @@ def load_task_data(
     seed: int = 0,
     with_train: bool = True,
     eval_split: str = "report",
+    lm_train_text: str = LM_TRAIN_TEXTS[0],
 ) -> TaskData:
     """Load, tokenize and batch the data of ``task``: training batches and the ``eval_split`` evaluation
-    batches (see the module docstring for the splits).
+    batches (see the module docstring for the splits; ``lm_train_text``: one of :data:`LM_TRAIN_TEXTS`, what a
+    language model trains on).
 
     ``tokenizer``: the model family's (default GPT-NeoX); ``ctx_len``: language-modelling window;
     ``max_positions``: a positional limit that caps the task's ``max_length`` (BERT-style models).
     """
     if eval_split not in EVAL_SPLITS:
         raise ConfigError(f"unknown evaluation split {eval_split!r}: expected one of {EVAL_SPLITS}")
+    if lm_train_text not in LM_TRAIN_TEXTS:
+        raise ConfigError(f"unknown language-model training text {lm_train_text!r}: expected one of "
+                          f"{LM_TRAIN_TEXTS}")
     if eval_limit is not None and eval_limit < 1:
         raise ConfigError(f"eval_limit must be >= 1 (examples or tokens), found {eval_limit}")
     tokenizer = tokenizer or gpt_neox_tokenizer(data_dir=data_dir)
@@ -156,7 +166,8 @@ def load_task_data(
         return _classification_data(task, tokenizer, length, train_batch_size, eval_batch_size, eval_limit,
                                     data_dir, seed, with_train, eval_split)
     rows, source = load_wikitext_rows("test", data_dir=data_dir)
-    tokens = tokenizer.encode(join_rows(rows, "hf"))
+    test_text = join_rows(rows, "hf")
+    tokens = tokenizer.encode(test_text)
     used = tokens[:eval_limit]
     limited = "" if eval_limit is None else f", first {len(used)} tokens only (--eval-limit)"
     half = len(used) // 2
@@ -168,12 +179,23 @@ def load_task_data(
         f"WikiText-2 raw test ({source}), text = {JOINS['hf']}, {tokenizer.name} tokenizer{limited}{which}"))
     train_at = streams = None
     if with_train:
-        train_rows, _ = load_wikitext_rows("validation", data_dir=data_dir)
-        train_tokens = tokenizer.encode(join_rows(train_rows, "hf"))
+        train_tokens = _lm_train_tokens(lm_train_text, tokenizer, test_text, data_dir)
         train_at = lm_training_batches(train_tokens, ctx_len, train_batch_size, seed)
         streams = TokenStreams(train_tokens, tokens, tokenizer.vocab_size)
     return TaskData(train_at, list(windows.batches(eval_batch_size)), windows.scored_tokens, windows.protocol,
                     train_batch_size * ctx_len, streams)
+
+
+def _lm_train_tokens(which: str, tokenizer: TextTokenizer, test_text: str, data_dir) -> np.ndarray:
+    """The token stream of training text ``which`` (:data:`LM_TRAIN_TEXTS`): WikiText-2 raw valid joined as the
+    test text is, then (``+glue``) each GLUE sentence of :func:`~qslm_jax.data.extra_text.glue_sentences`
+    that shares no 8-word run with ``test_text``, every piece separated by the same ``"\\n\\n"`` join."""
+    train_rows, _ = load_wikitext_rows("validation", data_dir=data_dir)
+    text = join_rows(train_rows, "hf")
+    if which == "wikitext2-valid+glue":
+        sentences, _ = glue_sentences(test_text, data_dir=data_dir)
+        text = "\n\n".join([text, *sentences])
+    return np.asarray(tokenizer.encode(text), np.int32)
 
 
 def _classification_data(task: Task, tokenizer: TextTokenizer, length: int, train_batch_size: int,
