@@ -1,4 +1,5 @@
-"""Fine-tune a SpikeGPT on SST-2 or WikiText-2: ``python -m experiments.finetune --model M --task T``.
+"""Fine-tune a model of any registered family (SpikeGPT, SpikingBERT) on a task: ``python -m experiments.finetune
+--model M --task T``.
 
 Checkpoints go to ``OUT/train`` every ``--checkpoint-every`` steps: rerunning the same command resumes an
 interrupted run (same seed and data order, so the result equals an uninterrupted run). The final model is saved
@@ -11,12 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
 from experiments import names
 from experiments.common import AT_LEAST_ONE, check_flags, finite_float, run_main
 from experiments.formatting import DefaultsFormatter
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +59,16 @@ def _recipe_from(args, task):
     """The task's recipe for the weights given (a checkpoint, a reference file or a saved model: the pretrained
     recipe; a bare preset: the from-scratch one), with the flags that override it."""
     from qslm_jax.errors import ConfigError
-    from qslm_jax.finetune.finetuning import Recipe, lm_train_description, recipe_for
-    from qslm_jax.models.registry import SPIKEGPT, all_presets, preset_family
+    from qslm_jax.finetune.finetuning import PRETRAINED_RECIPES, Recipe, lm_train_description, recipe_for
+    from qslm_jax.models.loading import source_family
+    from qslm_jax.models.registry import all_presets
 
-    family = preset_family(args.model) if args.model in all_presets() else SPIKEGPT
+    family = source_family(args.model, args.checkpoint)
     pretrained = args.checkpoint is not None or args.model not in all_presets()
+    if pretrained and task.name not in PRETRAINED_RECIPES.get(family.name, {}):
+        log.info("no pretrained %s recipe for %s: training with its embedded-default recipe (override it with "
+                 "--lr/--steps/--batch-size/--warmup)", family.name, task.name)
+        pretrained = False
     base = recipe_for(family, task, pretrained=pretrained)
     overrides = {name: value for name, value in (("steps", args.steps), ("learning_rate", args.lr),
                                                  ("warmup_steps", args.warmup),

@@ -164,6 +164,14 @@ def _read_info(directory: Path) -> dict:
     return info
 
 
+def saved_family(directory: str | Path) -> str:
+    """The registered family the ``model.json`` of a saved model directory names, read without its weights
+    (:class:`ConversionError` when it names none)."""
+    directory = Path(directory).resolve()
+    model_cls, _ = _registered_classes(_read_info(directory), directory / INFO_FILE)
+    return next(name for name, (cls, _) in MODEL_FAMILIES.items() if cls is model_cls)
+
+
 def load_model(directory: str | Path) -> nnx.Module:
     """Rebuild the model saved by :func:`save_model` in ``directory``.
 

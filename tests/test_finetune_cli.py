@@ -143,3 +143,20 @@ def test_a_pretrained_checkpoint_gets_spikegpts_fine_tuning_recipe_and_flags_ove
     flags = recipe("--model", "x.pth", "--lr", "1e-5", "--steps", "7", "--batch-size", "4", "--warmup", "2")
     assert (flags.train.learning_rate, flags.train.steps, flags.batch_size, flags.train.warmup_steps) == \
         (1e-5, 7, 4, 2)
+
+
+def test_a_saved_spikingbert_gets_its_familys_recipe_not_spikegpts(tmp_path):
+    """The recipe follows the family a saved directory's model.json names (read before any weight)."""
+    from experiments.finetune import _recipe_from, build_parser
+    from qslm_jax.finetune.finetuning import RECIPES
+    from qslm_jax.model_io import save_model
+    from qslm_jax.models.loading import source_family
+    from qslm_jax.models.registry import SPIKINGBERT
+    from qslm_jax.tasks.task import get_task
+
+    save_model(SPIKINGBERT.build(SPIKINGBERT.config("spikingbert-micro", n_classes=2), seed=0), tmp_path / "sb")
+    assert source_family(str(tmp_path / "sb")) is SPIKINGBERT
+    assert source_family("spikegpt-small", str(tmp_path / "sb")) is SPIKINGBERT  # the weights decide
+    recipe = _recipe_from(build_parser().parse_args(["--model", str(tmp_path / "sb"), "--task", "mrpc"]),
+                          get_task("mrpc"))
+    assert recipe.train == RECIPES["spikingbert"]["mrpc"].train  # no pretrained SpikingBERT recipe: its own

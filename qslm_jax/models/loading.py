@@ -18,8 +18,8 @@ from pathlib import Path
 from flax import nnx
 
 from qslm_jax.errors import ConfigError, ConversionError
-from qslm_jax.model_io import INFO_FILE, load_model
-from qslm_jax.models.registry import SPIKEGPT, ModelFamily, all_presets, family_of, preset_family
+from qslm_jax.model_io import INFO_FILE, load_model, saved_family
+from qslm_jax.models.registry import SPIKEGPT, ModelFamily, all_presets, family_of, get_family, preset_family
 from qslm_jax.quant.quantizers import FP32, check_level
 from qslm_jax.tasks.task import Task
 
@@ -81,6 +81,17 @@ def student_bits(directory: Path) -> float | None:
     return check_level(bits)
 
 
+def source_family(spec: str, checkpoint: str | None = None) -> ModelFamily:
+    """The family :func:`resolve_model` builds from ``spec`` / ``checkpoint``, known before any weight is read:
+    the one a saved model's ``model.json`` names (an extreme-KD output: its student's), else the preset's, else
+    SpikeGPT (a bare checkpoint file is read by SpikeGPT's converter)."""
+    source = Path(checkpoint or spec)
+    for directory in (source, source / STUDENT_DIR):
+        if (directory / INFO_FILE).is_file():
+            return get_family(saved_family(directory))
+    return preset_family(spec) if spec in all_presets() else SPIKEGPT
+
+
 def resolve_model(spec: str, task: Task, *, checkpoint: str | None = None, seed: int = 0,
                   new_head: bool = False) -> nnx.Module:
     """The model named by ``spec`` (preset, checkpoint file, ``hf://`` source or saved directory), fitted to
@@ -91,7 +102,7 @@ def resolve_model(spec: str, task: Task, *, checkpoint: str | None = None, seed:
     """
     source = checkpoint or spec
     preset = spec if spec in all_presets() else None
-    family = preset_family(preset) if preset else SPIKEGPT  # a bare checkpoint file: SpikeGPT's converter
+    family = source_family(spec, checkpoint)
     if source == preset:
         if preset not in family.pretrained:
             return random_model(preset, task, seed)
