@@ -59,7 +59,7 @@ def _recipe_from(args, task):
     """The task's recipe for the weights given (a checkpoint, a reference file or a saved model: the pretrained
     recipe; a bare preset: the from-scratch one), with the flags that override it."""
     from qslm_jax.errors import ConfigError
-    from qslm_jax.finetune.finetuning import PRETRAINED_RECIPES, Recipe, lm_train_description, recipe_for
+    from qslm_jax.finetune.finetuning import PRETRAINED_RECIPES, lm_train_description, recipe_for
     from qslm_jax.models.loading import source_family
     from qslm_jax.models.registry import all_presets
 
@@ -81,8 +81,9 @@ def _recipe_from(args, task):
         train_data = lm_train_description(text)
     else:
         train_data = base.train_data
-    return Recipe(dataclasses.replace(base.train, **overrides), args.batch_size or base.batch_size,
-                  base.eval_batch_size, train_data, text)
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, **overrides),
+                               batch_size=args.batch_size or base.batch_size, train_data=train_data,
+                               lm_train_text=text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +94,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from qslm_jax.finetune.finetuning import finetune
+    from qslm_jax.finetune.finetuning import finetune, initial_model
     from qslm_jax.models.loading import resolve_model
+    from qslm_jax.models.registry import all_presets, preset_family
     from qslm_jax.tasks.task import get_task
 
     check_flags(args, [(("--batch-size", "--eval-limit"), *AT_LEAST_ONE)])
     task = get_task(args.task)
     recipe = _recipe_from(args, task)  # checks the training settings before the model is loaded
-    model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed, new_head=args.new_head)
     out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"
+    if recipe.warm_start is not None and args.model in all_presets() and args.checkpoint is None:
+        family = preset_family(args.model)  # a bare SpikingBERT preset: the recipe's BERT warm start first
+        model = initial_model(family, family.config(args.model, n_classes=task.n_classes), task, recipe, out,
+                              data_dir=args.data_dir, progress=not args.no_progress)
+    else:
+        model = resolve_model(args.model, task, checkpoint=args.checkpoint, seed=args.seed, new_head=args.new_head)
     metrics = finetune(model, task, recipe, out, data_dir=args.data_dir, eval_limit=args.eval_limit,
                        progress=not args.no_progress, stop_after=args.stop_after)
     print(json.dumps(metrics, indent=1))

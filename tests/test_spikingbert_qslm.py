@@ -12,8 +12,10 @@ from flax import nnx
 
 from experiments import inspect, tiered
 from qslm_jax.equilibrium.student import quantize_encoder
-from qslm_jax.finetune.finetuning import Recipe, finetune, recipe_for
-from qslm_jax.model_io import save_model
+from qslm_jax.errors import ConfigError
+from qslm_jax.finetune.finetuning import Recipe, finetune, initial_model, recipe_for
+from qslm_jax.finetune.warm_start import WarmStart, bert_of_shape
+from qslm_jax.model_io import load_model, save_model
 from qslm_jax.models.loading import STUDENT_BITS, STUDENT_DIR, load_for_task
 from qslm_jax.models.registry import SPIKINGBERT, preset_family
 from qslm_jax.qslm.pipeline import search_hierarchy
@@ -115,3 +117,29 @@ def test_embedded_default_recipe_trains_a_spikingbert(tmp_path, data_dir):
 
     after = np.asarray(nnx.state(load_model(tmp_path / "model"), nnx.Param)["classifier"]["kernel"].get_value())
     assert not np.allclose(before, after)  # gradients reached the weights through the implicit forward
+
+
+def test_the_embedded_recipe_warm_starts_from_a_bert_of_the_students_shape(tmp_path, data_dir):
+    """The SpikingBERT recipe trains a BERT of the student's shape first (two steps here) and copies its
+    embeddings and layers into the spiking blocks; a second call reuses the trained BERT."""
+    task = get_task("sst2")
+    assert recipe_for(SPIKINGBERT, task).warm_start is not None
+    config = SPIKINGBERT.config(MICRO, n_classes=2)
+    short = TrainConfig(steps=2, learning_rate=1e-3, warmup_steps=1, checkpoint_every=0)
+    recipe = Recipe(short, 8, 64, "SST-2 (test)", warm_start=WarmStart(short, 8))
+    model = initial_model(SPIKINGBERT, config, task, recipe, tmp_path, data_dir=data_dir, progress=False)
+    assert model.config == config
+    bert = load_model(tmp_path / "warm_start" / "model")
+    assert json.loads((tmp_path / "warm_start" / "metrics.json").read_text())["steps_done"] == 2
+    fresh = bert_of_shape(config)  # the trained BERT moved away from its initialisation ...
+    assert not np.allclose(np.asarray(fresh.blocks[0].intermediate.kernel.get_value()),
+                           np.asarray(bert.blocks[0].intermediate.kernel.get_value()))
+    for got, want in ((model.embeddings, bert.embeddings), (model.blocks[1], bert.blocks[1])):  # ... and was copied
+        for a, b in zip(jax.tree.leaves(nnx.state(got, nnx.Param)), jax.tree.leaves(nnx.state(want, nnx.Param)),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = initial_model(SPIKINGBERT, config, task, recipe, tmp_path, data_dir=data_dir, progress=False)
+    np.testing.assert_array_equal(np.asarray(again.blocks[0].query.kernel.get_value()),
+                                  np.asarray(model.blocks[0].query.kernel.get_value()))
+    with pytest.raises(ConfigError, match="initialises a SpikingBERT"):
+        initial_model(preset_family("spikegpt-micro"), None, task, recipe, tmp_path)
