@@ -291,3 +291,19 @@ def test_the_supplementary_lm_text_extends_wikitext_valid_and_avoids_test(data_d
     with pytest.raises(ConfigError, match="training text"):
         load_task_data(get_task("wikitext2"), ctx_len=32, tokenizer=neox, data_dir=data_dir,
                        lm_train_text="wikitext2-train")
+
+
+def test_kd_training_data_leave_out_the_selection_rows(data_dir, bert):
+    """load_glue_splits (extreme KD) trains on the train file less the QSLM selection rows, as fine-tuning does,
+    so a search on a KD student never selects on sentences the student was trained on."""
+    from qslm_jax.tasks.data import held_out_rows, load_glue_splits
+
+    task = get_task("mrpc")
+    data = load_glue_splits("mrpc", bert, data_dir=data_dir, max_length=128)
+    raw = load_glue("mrpc", "train", data_dir=data_dir)
+    assert len(data.train) == len(raw) - task.selection_examples == 3_268
+    rows = held_out_rows(task, len(raw))
+    held = encode_classification(load_glue("mrpc", "train", data_dir=data_dir), bert, max_length=128)
+    trained = {tuple(r) for r in data.train.inputs["input_ids"]}
+    assert not {tuple(held.inputs["input_ids"][i]) for i in rows} & trained
+    assert "left out of training" in data.note

@@ -197,8 +197,8 @@ def read_metrics(path: Path) -> dict:
 
 
 def _recipe_dict(recipe: Recipe) -> dict:
-    """The recipe as recorded (and hashed into the embedded model's cache key); ``lm_train_text`` only when it is
-    not the default, so the keys of models cached before it existed stay valid."""
+    """The recipe as recorded (and hashed into the embedded model's cache key): ``lm_train_text`` only when it is
+    not the default (so the keys of models cached before it existed stay valid), the warm start when there is one."""
     extra = {} if recipe.lm_train_text == LM_TRAIN_TEXTS[0] else {"lm_train_text": recipe.lm_train_text}
     if recipe.warm_start is not None:
         extra["warm_start"] = {"train": dataclasses.asdict(recipe.warm_start.train),

@@ -122,6 +122,11 @@ def load_glue_splits(task: str, tokenizer: TextTokenizer, *, data_dir: str | Pat
     in permutation order for a split dev).
     """
     train, dev, note = _raw_splits(task, data_dir, split_seed)
+    spec = TASKS[task]
+    if spec.selection_examples is not None:
+        train = _without_selection_rows(spec, train)
+        note += (f"; the {spec.selection_examples} train rows of the QSLM selection split (seed {SELECTION_SEED}) "
+                 "left out of training")
     if train_limit is not None:
         train = _raw_subset(train, np.arange(min(train_limit, len(train))), train.split, f"first {train_limit}")
     if eval_limit is not None:
@@ -206,15 +211,12 @@ def _classification_data(task: Task, tokenizer: TextTokenizer, length: int, trai
     raw, dev_raw, _ = _raw_splits(task.name, data_dir, 0, need_train=with_train or (held_out and
                                                                                    eval_split == "selection"))
     train_at = None
-    if held_out and raw is not None:
-        rows = held_out_rows(task, len(raw))
-        train_raw = _raw_subset(raw, np.setdiff1d(np.arange(len(raw)), rows))
-    else:
-        train_raw = raw
     if with_train:
+        train_raw = _without_selection_rows(task, raw) if held_out else raw
         train = encode_classification(train_raw, tokenizer, max_length=length)
         train_at = train.training_batches(train_batch_size, seed)
     if held_out and eval_split == "selection":
+        rows = held_out_rows(task, len(raw))
         dev = encode_classification(_raw_subset(raw, rows), tokenizer, max_length=length)
         dev = dataclasses.replace(dev, description=dev.description + f": the {len(rows)} train rows held out "
                                   f"of training for selection (seed {SELECTION_SEED})")
@@ -231,6 +233,13 @@ def _classification_data(task: Task, tokenizer: TextTokenizer, length: int, trai
                                                                   "(--eval-limit)")
     return TaskData(train_at, list(dev.batches(eval_batch_size)), len(dev), f"accuracy (%) on {dev.description}",
                     train_batch_size)
+
+
+def _without_selection_rows(task: Task, train: TextClassificationSplit) -> TextClassificationSplit:
+    """``train`` less the rows :func:`held_out_rows` keeps for ``task``'s selection split: what every model of
+    the library trains on (fine-tuning, the embedded defaults, extreme KD), so a search never selects on
+    sentences its model was trained on."""
+    return _raw_subset(train, np.setdiff1d(np.arange(len(train)), held_out_rows(task, len(train))))
 
 
 def _raw_subset(split: TextClassificationSplit, rows: np.ndarray, name: str | None = None,
