@@ -181,7 +181,7 @@ def _report(args, out: Path, data: GlueSplits, teacher: BERT, teacher_source: st
     dev = evaluate_student(student, data.dev, bits, batch_size=args.eval_batch_size, progress=progress)
     teacher_dev = evaluate_teacher(teacher, data.dev, batch_size=args.eval_batch_size, progress=progress)
     results = {
-        "task": args.task, "bits": args.bits, "data": data.note,
+        "task": args.task, "bits": args.bits, "seed": args.seed, "data": data.note,
         "teacher": {"source": teacher_source, "layers": teacher.config.num_layers,
                     "dev": _task_metrics(teacher_dev, args.task)},
         "student": {"config": dataclasses.asdict(student.config), "init": args.init,
