@@ -184,8 +184,8 @@ def add_model_and_evaluation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=None, help="local devices to shard candidates over (all)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default under runs/)")
     p.add_argument("--journal", type=Path, default=None,
-                   help="evaluation journal (default OUT/journal.jsonl); share one across runs of the same model "
-                        "and task to reuse evaluations; rerun to resume")
+                   help="evaluation journal (default OUT/../journals/TASK-SPLIT-FINGERPRINT.jsonl, one per model, "
+                        "data, protocol and scheme, shared by every case of that setup); rerun to resume")
     p.add_argument("--data-dir", default=None, help="local data directory (default $QSLM_DATA_DIR, else the hub)")
     p.add_argument("--cache-dir", default=None, help="where the embedded model is cached "
                    "(else $QSLM_CACHE_DIR or ~/.cache/qslm_jax)")
