@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-train-text", choices=names.LM_TRAIN_TEXTS, default=None,
                    help="wikitext2: what the model trains on: WikiText-2 raw valid alone, or followed by the public "
                         "GLUE sentences on disk (QNLI dev/test, MRPC; none sharing an 8-word run with WikiText-2 "
-                        "test) (default: the recipe's, wikitext2-valid)")
+                        "test) (default: the recipe's: wikitext2-valid+glue from random weights, wikitext2-valid "
+                        "for a pretrained checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of new weights")
     p.add_argument("--new-head", action="store_true",
                    help="give a model without the task's classifier a new, randomly initialised one "
