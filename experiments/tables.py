@@ -148,35 +148,42 @@ def _dev_metrics(results: Mapping[str, Any]) -> dict[str, float]:
 def extreme_kd_seed_table(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> str:
     """Mean +- std over seeds per setting and the verdicts on the paper's claims (module docstring)."""
     groups = _by_setting(runs)
+    metrics = {key: {seed: _dev_metrics(r) for seed, r in by_seed.items()} for key, by_seed in groups.items()}
     lines = ["| task | bits | internal-layer KD | feedback | seeds | student dev accuracy | student dev F1 | "
              "teacher dev accuracy |", "|---|---|---|---|---|---|---|---|"]
     for key, by_seed in sorted(groups.items()):
         task, bits, internal, feedback = key
-        values = [_dev_metrics(r) for r in by_seed.values()]
+        values = list(metrics[key].values())
         f1 = str(summarize([v["F1"] for v in values])) if all("F1" in v for v in values) else "-"
         teacher = summarize([r["teacher"]["dev"]["accuracy"] for r in by_seed.values()])
         lines.append(f"| {task} | {bits:g} | {'yes' if internal else 'no'} | {'yes' if feedback else 'no'} | "
                      f"{', '.join(map(str, sorted(by_seed)))} | {summarize([v['accuracy'] for v in values])} | "
                      f"{f1} | {teacher} |")
-    claims = []
-    for key in sorted(groups):
-        task, bits, internal, feedback = key
-        rivals = [("1.58-bit >= 1-bit", (task, 1.0, internal, feedback))] if bits == 1.58 else []
-        if internal:
-            rivals.append(("internal-layer KD recovers points", (task, bits, False, feedback)))
-        for claim, other in rivals:
-            if other not in groups:
-                continue
-            for name in _dev_metrics(next(iter(groups[key].values()))):
-                mine = {s: _dev_metrics(r)[name] for s, r in groups[key].items()}
-                theirs = {s: _dev_metrics(r)[name] for s, r in groups[other].items() if name in _dev_metrics(r)}
-                result = compare_paired(mine, theirs, level)
-                interval = ("no interval (one seed)" if result.interval is None else
-                            f"{100 * level:g}% t interval [{result.interval[0]:+.2f}, {result.interval[1]:+.2f}]")
-                claims.append(f"- {claim}: {_setting(key)} vs {_setting(other)}, dev {name} "
-                              f"{result.mean_difference:+.2f} over seeds {list(result.seeds)}, {interval}: "
-                              f"{result.verdict}")
+    claims = [_claim_line(claim, key, other, name, metrics, level)
+              for key in sorted(groups) for claim, other in _rivals(key) if other in groups
+              for name in next(iter(metrics[key].values()))]
     return "\n".join([*lines, "", *(claims or ["- no pair of settings to compare"])])
+
+
+def _rivals(key: SeedKey) -> list[tuple[str, SeedKey]]:
+    """The paper's claims a setting makes, each with the setting it must beat."""
+    task, bits, internal, feedback = key
+    rivals = [("1.58-bit >= 1-bit", (task, 1.0, internal, feedback))] if bits == 1.58 else []
+    if internal:
+        rivals.append(("internal-layer KD recovers points", (task, bits, False, feedback)))
+    return rivals
+
+
+def _claim_line(claim: str, key: SeedKey, other: SeedKey, name: str,
+                metrics: Mapping[SeedKey, Mapping[int, Mapping[str, float]]], level: float) -> str:
+    """One claim's verdict on dev metric ``name``: ``key``'s runs vs ``other``'s on their shared seeds."""
+    mine = {seed: m[name] for seed, m in metrics[key].items()}
+    theirs = {seed: m[name] for seed, m in metrics[other].items() if name in m}
+    result = compare_paired(mine, theirs, level)
+    interval = ("no interval (one seed)" if result.interval is None else
+                f"{100 * level:g}% t interval [{result.interval[0]:+.2f}, {result.interval[1]:+.2f}]")
+    return (f"- {claim}: {_setting(key)} vs {_setting(other)}, dev {name} {result.mean_difference:+.2f} over "
+            f"seeds {list(result.seeds)}, {interval}: {result.verdict}")
 
 
 def strategy_row(report: Mapping[str, Any]) -> str:
