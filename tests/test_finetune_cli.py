@@ -46,6 +46,10 @@ def test_wikitext_finetune_reports_ngram_baselines(tmp_path, data_dir):
                              "4", "--eval-limit", "200", "--no-progress", "--out", str(tmp_path)])
     assert metrics["baselines"]["bigram"] < metrics["baselines"]["unigram"]
     assert metrics["metric"] > 1.0
+    # the full split (both halves) is scored too: more windows than the report half, its own protocol
+    full = metrics["full_split"]
+    assert full["metric"] > 1.0 and full["metric"] != metrics["metric"]
+    assert "half" not in full["protocol"] and "half" in metrics["protocol"]
     # the embedded recipe trains on WikiText-2 valid followed by the public GLUE sentences
     assert metrics["recipe"]["lm_train_text"] == "wikitext2-valid+glue" and "GLUE" in metrics["recipe"]["train_data"]
     assert "GLUE sentences" in metrics["baselines"]["note"]
