@@ -55,6 +55,18 @@ def finite_float(text: str) -> float:
     return value
 
 
+def interval_level(text: str) -> float:
+    """An interval level flag (``--confidence``, ``--level``): a number strictly between 0 and 1 (argparse error
+    otherwise)."""
+    try:
+        level = float(text)
+    except ValueError:
+        level = math.nan
+    if not 0 < level < 1:
+        raise argparse.ArgumentTypeError(f"expected a level in (0, 1) such as 0.95, found {text!r}")
+    return level
+
+
 class _TqdmHandler(logging.Handler):
     """Log lines written through ``tqdm.write``, so they do not break an active progress bar."""
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.common import exit_status
+from experiments.common import exit_status, interval_level
 from qslm_jax.equilibrium.seeds import compare_paired, summarize
 from qslm_jax.errors import ConfigError
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("kind", choices=("qslm", "strategies", "extreme-kd", "extreme-kd-seeds"),
                    help="which table: QSLM searches, search strategies head to head, extreme-KD students, or "
                         "extreme-KD students over seeds (mean ± std and the paper's claims)")
-    p.add_argument("--level", type=float, default=0.95,
+    p.add_argument("--level", type=interval_level, default=0.95,
                    help="extreme-kd-seeds: level of the paired t intervals of the claims (default: 0.95)")
     p.add_argument("runs", nargs="+", type=Path, help="output directories of finished runs")
     args = p.parse_args(argv)

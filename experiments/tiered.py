@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from experiments.common import (
     check_search_arguments,
     eval_batch_size,
     finite_float,
+    interval_level,
     join_processes,
     parse_levels,
     run_main,
@@ -66,17 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_and_evaluation_arguments(p)
     add_scale_arguments(p)
     return p
-
-
-def interval_level(text: str) -> float:
-    """``--confidence``: a number strictly between 0 and 1 (argparse error otherwise)."""
-    try:
-        level = float(text)
-    except ValueError:
-        level = math.nan
-    if not 0 < level < 1:
-        raise argparse.ArgumentTypeError(f"expected a level in (0, 1) such as 0.95, found {text!r}")
-    return level
 
 
 def _task_and_case(args) -> tuple[str, str | None]:

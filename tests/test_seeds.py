@@ -66,3 +66,11 @@ def test_seed_table_groups_runs_and_states_each_claim(tmp_path):
     with pytest.raises(ConfigError, match="two runs of mrpc 1-bit with internal KD with seed 0"):
         tables.main(["extreme-kd-seeds", runs[3], _results(tmp_path, "dup", bits=1, internal=True, seed=0,
                                                            accuracy=1.0)])
+
+
+@pytest.mark.parametrize("level", ["1", "0", "-0.5", "nan", "ninety"])
+def test_seed_table_refuses_a_bad_level_before_reading_any_run(tmp_path, level, capsys):
+    # a single run has no pair to compare, yet the level is still checked (usage error, nothing read)
+    with pytest.raises(SystemExit) as exit_info:
+        tables.main(["extreme-kd-seeds", "--level", level, str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "expected a level in (0, 1)" in capsys.readouterr().err
