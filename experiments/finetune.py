@@ -56,16 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bare_preset(args) -> bool:
+    """Whether ``--model`` is a preset name without ``--checkpoint``: training starts from new weights (the
+    embedded recipe) rather than from pretrained ones."""
+    from qslm_jax.models.registry import all_presets
+
+    return args.checkpoint is None and args.model in all_presets()
+
+
 def _recipe_from(args, task):
     """The task's recipe for the weights given (a checkpoint, a reference file or a saved model: the pretrained
     recipe; a bare preset: the from-scratch one), with the flags that override it."""
     from qslm_jax.errors import ConfigError
     from qslm_jax.finetune.finetuning import PRETRAINED_RECIPES, lm_train_description, recipe_for
     from qslm_jax.models.loading import source_family
-    from qslm_jax.models.registry import all_presets
 
     family = source_family(args.model, args.checkpoint)
-    pretrained = args.checkpoint is not None or args.model not in all_presets()
+    pretrained = not _bare_preset(args)
     if pretrained and task.name not in PRETRAINED_RECIPES.get(family.name, {}):
         log.info("no pretrained %s recipe for %s: training with its embedded-default recipe (override it with "
                  "--lr/--steps/--batch-size/--warmup)", family.name, task.name)
@@ -97,14 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from qslm_jax.finetune.finetuning import finetune, initial_model
     from qslm_jax.models.loading import resolve_model
-    from qslm_jax.models.registry import all_presets, preset_family
+    from qslm_jax.models.registry import preset_family
     from qslm_jax.tasks.task import get_task
 
     check_flags(args, [(("--batch-size", "--eval-limit"), *AT_LEAST_ONE)])
     task = get_task(args.task)
     recipe = _recipe_from(args, task)  # checks the training settings before the model is loaded
     out = args.out or Path("runs") / f"finetune-{Path(args.model).name}-{task.name}"
-    if recipe.warm_start is not None and args.model in all_presets() and args.checkpoint is None:
+    if recipe.warm_start is not None and _bare_preset(args):
         family = preset_family(args.model)  # a bare SpikingBERT preset: the recipe's BERT warm start first
         model = initial_model(family, family.config(args.model, n_classes=task.n_classes), task, recipe, out,
                               data_dir=args.data_dir, progress=not args.no_progress)
