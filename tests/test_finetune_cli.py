@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from experiments import finetune
+from qslm_jax.finetune.finetuning import VECTOR_EXTENSIONS, cpu_info
 from qslm_jax.model_io import load_model
 from tests.conftest import REPO_ROOT
 
@@ -36,7 +37,8 @@ def _params(directory):
 def test_finetune_trains_saves_and_reports(tmp_path, data_dir):
     metrics = _finetune([*ARGS, "--steps", "6", "--out", str(tmp_path)])
     assert 0.0 <= metrics["metric"] <= 100.0 and metrics["steps_done"] == 6
-    assert metrics["machine"]["cpu_cores"] >= 1
+    assert metrics["machine"]["cpu_cores"] >= 1 and "cpu_model" in metrics["machine"]
+    assert metrics["machine"]["vector_extension"] in (*VECTOR_EXTENSIONS, None)
     assert (tmp_path / "curve.png").is_file()
     assert load_model(tmp_path / "model").config.n_classes == 2
 
@@ -168,3 +170,12 @@ def test_a_saved_spikingbert_gets_its_familys_recipe_not_spikegpts(tmp_path):
     recipe = _recipe_from(build_parser().parse_args(["--model", str(tmp_path / "sb"), "--task", "mrpc"]),
                           get_task("mrpc"))
     assert recipe.train == RECIPES["spikingbert"]["mrpc"].train  # no pretrained SpikingBERT recipe: its own
+
+
+def test_cpu_info_reads_the_first_processor_and_tolerates_no_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse4_2 avx avx2 fma\n\n"
+                       "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    model, flags = cpu_info(cpuinfo)
+    assert model == "Example CPU 9000" and {"avx2", "fma"} <= flags and "avx512f" not in flags
+    assert cpu_info(tmp_path / "absent") == (None, set())

@@ -225,16 +225,35 @@ def _recipe_dict(recipe: Recipe) -> dict:
             "eval_batch_size": recipe.eval_batch_size, "train_data": recipe.train_data, **extra}
 
 
+VECTOR_EXTENSIONS = ("avx512f", "avx2", "avx", "sse4_2")  # widest first: what XLA's CPU code generator targets
+
+
 def machine_description() -> dict:
     """The machine a model was trained on: XLA's CPU results depend on the core count (thread partitioning
-    changes float rounding), so bit-identical reruns need the same CPU type and core count (README)."""
+    changes float rounding) and on the CPU's vector extensions (the code XLA generates for them rounds
+    differently), so bit-identical reruns need the same CPU model and core count (README)."""
     import platform
 
     import jax
 
+    cpu_model, flags = cpu_info()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model, "vector_extension": next((f for f in VECTOR_EXTENSIONS if f in flags), None),
             "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+
+
+def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[str]]:
+    """The CPU's model name and feature flags, from the first processor of ``path`` (Linux's ``/proc/cpuinfo``;
+    ``(None, set())`` where there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None, set()
+    first_processor = text.split("\n\n", 1)[0]
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in first_processor.splitlines() if ":" in line)}
+    return fields.get("model name"), set(fields.get("flags", "").split())
 
 
 def _plot_history(history: list[dict], path: Path, task: Task, config, *,
