@@ -197,9 +197,9 @@ def _full_split_metric(model: nnx.Module, task: Task, recipe: Recipe, eval_limit
     log.info("evaluating the trained model on the full test split (%d items)", full.eval_items)
     start = time.perf_counter()
     value = evaluate(model, task, full.eval_batches)
-    log.info("trained model, full test split: %s %.4g (evaluated in %.0f s)", task.metric_name, value,
-             time.perf_counter() - start)
-    return {"metric": value, "protocol": full.protocol, "eval_seconds": round(time.perf_counter() - start, 1)}
+    seconds = time.perf_counter() - start
+    log.info("trained model, full test split: %s %.4g (evaluated in %.0f s)", task.metric_name, value, seconds)
+    return {"metric": value, "protocol": full.protocol, "eval_seconds": round(seconds, 1)}
 
 
 def read_metrics(path: Path) -> dict:
