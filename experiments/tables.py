@@ -7,7 +7,8 @@ vs fp32 there, 95% or ``--confidence``, when the report has one: :mod:`qslm_jax.
 saving, and the cost of the run's first invocation (evaluations, wall time, compilations; reruns that resumed
 from the journal are listed in the report).
 ``extreme-kd``: one row per ``experiments.extreme_kd`` output directory (its ``results.json``): task, bits,
-internal-layer KD, student and teacher dev accuracy, spike rate, size and training time.
+internal-layer KD, feedback (with its unconverged adjoint solves), student and teacher dev accuracy, spike rate,
+size and training time.
 ``extreme-kd-seeds``: the same runs over several ``--seed`` values, one row per (task, bits, internal KD,
 feedback) with the mean +- sample std over seeds, then the paper's two claims (1.58-bit >= 1-bit; internal-layer
 KD recovers points) tested on the seeds both sides share (:mod:`qslm_jax.equilibrium.seeds`: paired t interval).
@@ -109,12 +110,23 @@ def extreme_kd_row(results: Mapping[str, Any]) -> str:
     size = student["model_size"]
     seconds = sum(results["train_seconds"].get(s, 0.0) for s in ("internal", "prediction"))
     return (f"| {results['task']} | {results['bits']:g} | {'yes' if student['internal_kd'] else 'no'} | "
+            f"{_feedback_cell(student.get('feedback'))} | "
             f"{dev['accuracy']:.2f}%{f1} | {teacher['dev']['accuracy']:.2f}% | {dev['mean_spike_rate']:.3f} | "
             f"{size['megabytes']:.2f} MB ({size['compression']:.1f}x) | {seconds:.0f} s |")
 
 
-EXTREME_KD_HEADER = ("| task | bits | internal-layer KD | student dev accuracy | teacher | mean spike rate | "
-                     "size (vs fp32) | student training |\n|---|---|---|---|---|---|---|---|")
+def _feedback_cell(feedback: Mapping[str, Any] | None) -> str:
+    """"no", or "yes" with how many of the recorded adjoint solves (all student stages) missed their tol."""
+    if not feedback:
+        return "no"
+    adjoint = [stats.get("adjoint", {}) for stats in feedback.get("stages", {}).values()]
+    solves = sum(a.get("solves", 0) for a in adjoint)
+    unconverged = sum(a.get("unconverged", 0) for a in adjoint)
+    return f"yes ({unconverged} of {solves} adjoint solves unconverged)"
+
+
+EXTREME_KD_HEADER = ("| task | bits | internal-layer KD | feedback | student dev accuracy | teacher | "
+                     "mean spike rate | size (vs fp32) | student training |\n|---|---|---|---|---|---|---|---|---|")
 
 
 SeedKey = tuple[str, float, bool, bool]  # task, bits, internal-layer KD, feedback

@@ -47,7 +47,7 @@ def test_pipeline_writes_results_curves_and_teacher(smoke):
     assert energy["student"]["macs_per_token"] == 0 and energy["dense_bert_fp32"]["acs_per_token"] == 0
     assert "GLUE train" in results["data"] and "64 train / 32 eval" in results["data"] and results["seed"] == 0
     row = tables.main(["extreme-kd", str(out)]).splitlines()[2]
-    assert row.startswith("| mrpc | 1 | yes | ") and f"{dev['accuracy']:.2f}% (F1 {dev['f1']:.1f})" in row
+    assert row.startswith("| mrpc | 1 | yes | no | ") and f"{dev['accuracy']:.2f}% (F1 {dev['f1']:.1f})" in row
 
 
 def test_rerun_resumes_the_run_in_out_and_other_settings_are_refused(smoke, data_dir, capsys):
@@ -96,3 +96,6 @@ def test_feedback_student_trains_through_the_implicit_fixed_point(smoke, data_di
     assert results["student"]["energy"]["student"]["spike_driven_layers"] == \
         without["energy"]["student"]["spike_driven_layers"] + 1
     assert all(0 <= r <= 1 for r in results["student"]["dev"]["spike_rates"])
+    unconverged = sum(feedback["stages"][stage]["adjoint"]["unconverged"] for stage in ("internal", "prediction"))
+    row = tables.main(["extreme-kd", str(tmp_path)]).splitlines()[2]
+    assert row.startswith(f"| mrpc | 1 | yes | yes ({unconverged} of 7 adjoint solves unconverged) | ")
