@@ -99,7 +99,11 @@ def test_compiles_each_chunk_size_once_and_never_pads(model, lm_batches):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert evaluator.compilations == 3 and len(compiles) == 2
-    assert shorter == first[:3] and longer[:4] == first and longer[2:] == rest[0]
+    assert longer[:4] == first and longer[2:4] == rest[0][:2]  # the same compiled program: bit for bit
+    # A chunk of 2 or 1 is another XLA program (width-1 vmaps lose the batch axis), whose float32 sums may
+    # round in another order: a candidate's score may move by float32 rounding, never more, with its chunk.
+    assert shorter == pytest.approx(first[:3], rel=1e-6, abs=0)
+    assert longer[4:] == pytest.approx(rest[0][2:], rel=1e-6, abs=0)
     assert evaluator.calls == 1 + 2 + 2 + 2
     assert evaluator.slots == 4 + 8 + 3 + 6  # every computed slot held a requested plan
 
